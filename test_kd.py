@@ -1,0 +1,374 @@
+"""The specification, as tests. Run from the repository root: `python -m pytest -q test_kd.py`."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import generate_cache
+import kd
+
+REPO = Path(__file__).resolve().parent
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def tiny_overrides(cache_dir, *extra):
+    """Overrides that make configs/tiny.yaml independent of the working directory and write to `cache_dir`."""
+    return [
+        f"models.student.init_from={REPO}/tiny_models/wan-tiny-student",
+        f"models.teacher.init_from={REPO}/tiny_models/wan-tiny-teacher",
+        f"data.prompts={REPO}/prompts/example.txt",
+        f"method.teacher_path_cache={cache_dir}",
+        *extra,
+    ]
+
+
+def tiny_config(cache_dir, *extra):
+    return kd.load_config(TINY, tiny_overrides(cache_dir, *extra))
+
+
+def read_sample(path):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def assert_same_cache(a, b):
+    names_a = sorted(os.listdir(Path(a) / "samples"))
+    assert names_a == sorted(os.listdir(Path(b) / "samples"))
+    for name in names_a:
+        ta, ma = read_sample(Path(a) / "samples" / name)
+        tb, mb = read_sample(Path(b) / "samples" / name)
+        assert ma == mb, name
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}:{key}"
+    assert json.loads((Path(a) / "metadata.json").read_text()) == json.loads((Path(b) / "metadata.json").read_text())
+    assert (Path(a) / "COMPLETE").exists() and (Path(b) / "COMPLETE").exists()
+
+
+def run_script(*args, torchrun=0, check=True, **kwargs):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+                              if torchrun else []) + [str(a) for a in args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Subprocess ranks run with one thread each; the in-process reference must compute the same floats.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory):
+    """An uninterrupted single-process tiny cache of 6 samples."""
+    torch.set_num_threads(1)
+    cache = tmp_path_factory.mktemp("reference") / "cache"
+    generate_cache.generate_cache(tiny_config(cache, "data.num_samples=6"))
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_overrides_are_dotted_keys_parsed_as_yaml(tmp_path):
+    cfg = tiny_config(tmp_path, "method.teacher_guidance_scale=6", "data.num_samples=16",
+                      "method.t_list=[999, 833, 0]")
+    assert cfg.method.teacher_guidance_scale == 6.0 and isinstance(cfg.method.teacher_guidance_scale, float)
+    assert cfg.data.num_samples == 16
+    assert cfg.method.t_list == [999, 833, 0] and cfg.method.student_sample_steps == 2
+    assert cfg.pipeline.max_sequence_length == 512  # untouched defaults are filled in
+
+
+def test_unknown_key_is_an_error_naming_it_and_the_closest_known_key(tmp_path):
+    with pytest.raises(kd.ConfigError, match=r"unknown config key 'method\.teacher_guidance'.*"
+                                             r"did you mean 'method\.teacher_guidance_scale'"):
+        tiny_config(tmp_path, "method.teacher_guidance=2")
+    with pytest.raises(kd.ConfigError, match=r"unknown config key 'trainig'"):
+        tiny_config(tmp_path, "trainig.lr=1")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("method.teacher_inference_steps=4.5", "method.teacher_inference_steps: expected an integer"),
+    ("method.teacher_guidance_scale=high", "method.teacher_guidance_scale: expected a number"),
+    ("models.student.trainable=yes please", "models.student.trainable: expected a boolean"),
+    ("pipeline.num_frames=true", "pipeline.num_frames: expected an integer"),
+    ("method=3", "method: expected a mapping"),
+])
+def test_wrong_type_is_an_error_naming_the_field(tmp_path, override, field):
+    with pytest.raises(kd.ConfigError, match=field):
+        tiny_config(tmp_path, override)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["models.student=null"], "KDMethod requires role 'student'"),
+    (["models.student.trainable=false"], "KDMethod requires student to be trainable"),
+    (["method.t_list=[]"], "method_config.t_list must be a non-empty list of integer timestep values, "
+                           "e.g. [999, 937, 833, 624, 0]"),
+    (["method.t_list=[999, a, 0]"], "method_config.t_list must be a non-empty list"),
+    (["method.student_sample_steps=3"], "len(t_list)=5 must equal student_sample_steps+1=4"),
+    (["method.teacher_path_cache=''"], "method_config.teacher_path_cache must be set"),
+    (["models.teacher.trainable=true"], "KDMethod requires teacher to be non-trainable "
+                                        "(set trainable: false in models.teacher)"),
+    (["method.num_frames_per_block=0"], "num_frames_per_block must be >= 1"),
+    (["method.t_list=[999, 999, 0]"], "strictly decreasing and end at 0"),
+    (["method.t_list=[999, 500]"], "strictly decreasing and end at 0"),
+    (["method.t_list=[500, 999, 0]"], "strictly decreasing and end at 0"),
+])
+def test_seed_validations_raise_their_messages(tmp_path, overrides, message):
+    with pytest.raises(kd.ConfigError) as e:
+        tiny_config(tmp_path, *overrides)
+    assert message in str(e.value)
+
+
+def test_teacher_section_is_optional_and_student_sample_steps_defaults(tmp_path):
+    cfg = tiny_config(tmp_path, "models.teacher=null")
+    assert cfg.models.teacher is None
+    assert cfg.method.student_sample_steps == len(cfg.method.t_list) - 1
+
+
+def test_real_configs_load():
+    for name in ("wan.yaml", "tiny.yaml"):
+        kd.load_config(REPO / "configs" / name)
+
+
+def test_bad_config_on_the_command_line_is_one_clear_line():
+    proc = run_script("generate_cache.py", TINY, "method.teacher_guidance=2", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'method.teacher_guidance'")
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flow matching
+
+
+def test_shifted_sigma_grid_matches_hand_computed_values():
+    assert kd.shifted_sigmas(4, 1.0).tolist() == [1.0, 0.75, 0.5, 0.25]
+    s = kd.shifted_sigmas(4, 5.0).tolist()  # 5σ / (1 + 4σ)
+    assert s == pytest.approx([1.0, 3.75 / 4.0, 2.5 / 3.0, 1.25 / 2.0], abs=1e-15)
+    assert kd.timestep_to_sigma(625.0) == 0.625
+
+
+def test_noising_x0_and_euler_conversions_match_hand_computed_values():
+    x0, eps, sigma = torch.tensor(2.0), torch.tensor(-1.0), 0.25
+    x_t = kd.add_noise(x0, eps, sigma)
+    assert x_t.item() == 0.75 * 2.0 + 0.25 * -1.0 == 1.25
+    v = eps - x0  # what Wan predicts
+    assert kd.x0_from_velocity(x_t, v, sigma).item() == 2.0
+    assert kd.euler_step(x_t, v, sigma, 0.0).item() == 2.0  # the last Euler step lands on x0
+    assert kd.euler_step(x_t, v, sigma, 0.125).item() == kd.add_noise(x0, eps, 0.125).item()
+
+
+def test_seed_t_list_matches_the_48_step_shift_5_grid():
+    indices = kd.match_t_list([999, 937, 833, 624, 0], 48, 5.0, 1.0)
+    assert indices == [0, 12, 24, 36]
+    grid = kd.shifted_sigmas(48, 5.0) * 1000
+    assert grid[indices].tolist() == pytest.approx([1000.0, 937.5, 2500 / 3, 625.0], abs=1e-9)
+
+
+def test_off_grid_t_list_entry_is_an_error_listing_the_nearest_grid_values():
+    with pytest.raises(kd.ConfigError) as e:
+        kd.match_t_list([999, 937, 833, 624, 0], 50, 5.0, 1.0)
+    msg = str(e.value)
+    assert "t_list entry 937" in msg and "940.59 (step 12)" in msg and "934.34 (step 13)" in msg
+    assert kd.match_t_list([999, 937, 0], 50, 5.0, 3.0) == [0, 13]  # a wider tolerance accepts it
+
+
+class GaussianVelocity(torch.nn.Module):
+    """The exact flow-matching velocity E[eps - x0 | x_t] for data x0 ~ N(mu, s^2 I), with Wan's forward signature.
+
+    mu is read from the conditioning (its mean), so conditional and unconditional inputs give different data.
+    """
+
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
+        sigma = (timestep.double() / 1000).view(-1, *[1] * (hidden_states.dim() - 1))
+        mu = encoder_hidden_states.double().mean(dim=(1, 2)).view_as(sigma)
+        x = hidden_states.double()
+        var = (1 - sigma) ** 2 * self.s**2 + sigma**2
+        z = x - (1 - sigma) * mu
+        v = sigma * z / var - mu - (1 - sigma) * self.s**2 * z / var
+        return (v.float(),)
+
+
+def gaussian_ode_solution(noise, mu, s, sigma):
+    """Closed form: the ODE maps noise at sigma=1 to (1-sigma)*mu + sqrt((1-sigma)^2 s^2 + sigma^2) * noise."""
+    return (1 - sigma) * mu + math.sqrt((1 - sigma) ** 2 * s**2 + sigma**2) * noise
+
+
+def oracle_rollout_error(steps, mu=1.5, s=0.5, shift=5.0):
+    noise = torch.randn(1, 2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).double()
+    cond = torch.full((1, 7, 5), mu)
+    sigmas = kd.shifted_sigmas(steps, shift)
+    states = generate_cache.teacher_rollout(GaussianVelocity(s), noise, cond, None, sigmas, 1.0, range(steps))
+    recorded = sigmas.tolist() + [0.0]
+    return max((states[0, k].double() - gaussian_ode_solution(noise[0], mu, s, sig)).abs().max().item()
+               for k, sig in enumerate(recorded))
+
+
+def test_oracle_rollout_matches_the_closed_form_and_converges_with_steps():
+    errors = [oracle_rollout_error(n) for n in (12, 24, 48, 96, 192)]
+    # Euler is first order: halving the step halves the error, so the rollout converges to the exact solution.
+    for coarse, fine in zip(errors, errors[1:]):
+        assert 1.7 < coarse / fine < 2.3
+    assert errors[2] < 0.2 and errors[-1] < 0.05  # |x0| ~ 2 here; 48 steps is within 8% of it
+
+
+def test_cfg_with_gaussian_oracles_is_the_gaussian_with_guided_mean():
+    mu_c, mu_u, g, s = 1.0, -0.5, 3.0, 0.5
+    noise = torch.randn(1, 2, 3, 4, 4, generator=torch.Generator().manual_seed(1)).double()
+    sigmas = kd.shifted_sigmas(400, 5.0)
+    states = generate_cache.teacher_rollout(GaussianVelocity(s), noise, torch.full((1, 3, 2), mu_c),
+                                            torch.full((1, 3, 2), mu_u), sigmas, g, [])
+    x0 = gaussian_ode_solution(noise[0], mu_u + g * (mu_c - mu_u), s, 0.0)
+    assert (states[0, -1].double() - x0).abs().max() < 0.03  # Euler error at 400 steps, |x0| ~ 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classifier-free guidance with the real tiny Wan teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    return kd.load_transformer(str(REPO / "tiny_models" / "wan-tiny-teacher"), torch.device("cpu")).eval()
+
+
+def random_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 10, kd.TINY_TEXT_DIM, generator=g),
+            torch.randn(1, 10, kd.TINY_TEXT_DIM, generator=g))
+
+
+def test_guidance_one_is_the_conditional_rollout(tiny_teacher):
+    noise, cond, uncond = random_inputs(0)
+    sigmas = kd.shifted_sigmas(8, 5.0)
+    guided = generate_cache.teacher_rollout(tiny_teacher, noise, cond, uncond, sigmas, 1.0, [0, 3])
+    plain = generate_cache.teacher_rollout(tiny_teacher, noise, cond, torch.zeros_like(uncond), sigmas, 1.0, [0, 3])
+    assert torch.equal(guided, plain)
+    x = noise
+    for i, sig in enumerate(sigmas.tolist()):
+        v = tiny_teacher(x, torch.tensor([sig * 1000]), cond, return_dict=False)[0]
+        x = kd.euler_step(x, v, sig, ([*sigmas.tolist(), 0.0])[i + 1])
+    assert torch.allclose(guided[0, -1], x[0], atol=1e-5)
+
+
+def test_guidance_above_one_equals_separate_cond_and_uncond_forwards(tiny_teacher):
+    noise, cond, uncond = random_inputs(1)
+    sigmas, g = kd.shifted_sigmas(6, 5.0), 4.0
+    batched = generate_cache.teacher_rollout(tiny_teacher, noise, cond, uncond, sigmas, g, [0, 2, 4])
+    x, kept, sig = noise, [], [*sigmas.tolist(), 0.0]
+    with torch.no_grad():
+        for i in range(len(sigmas)):
+            if i in (0, 2, 4):
+                kept.append(x)
+            t = torch.tensor([sig[i] * 1000])
+            v_c = tiny_teacher(x, t, cond, return_dict=False)[0]
+            v_u = tiny_teacher(x, t, uncond, return_dict=False)[0]
+            x = kd.euler_step(x, v_u + g * (v_c - v_u), sig[i], sig[i + 1])
+    reference = torch.stack([*kept, x], dim=1)
+    assert (reference - batched).abs().max() < 1e-4
+    assert (batched[0, -1] - generate_cache.teacher_rollout(tiny_teacher, noise, cond, uncond, sigmas, 1.0, [])
+            [0, -1]).abs().max() > 1e-2  # guidance did change the result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def test_cache_layout(reference_cache):
+    cfg = tiny_config(reference_cache, "data.num_samples=6")
+    meta = json.loads((reference_cache / "metadata.json").read_text())
+    assert meta["timesteps"] == pytest.approx([1000.0, 937.5, 833.333, 625.0, 0.0], abs=1e-3)
+    assert meta["latent_shape"] == [16, 6, 8, 8] and meta["num_samples"] == 6 and meta["dtype"] == "bfloat16"
+    assert meta["teacher_guidance_scale"] == 3.0 and meta["teacher_inference_steps"] == 48
+    assert sorted(os.listdir(reference_cache / "samples")) == [f"{i:08d}.safetensors" for i in range(6)]
+    assert (reference_cache / "COMPLETE").exists()
+    prompts = kd.read_prompts(cfg)
+    encoder, tokenizer = kd.load_text_encoder(cfg.models.teacher.init_from, torch.device("cpu"))
+    for i in range(6):
+        tensors, metadata = read_sample(kd.sample_path(reference_cache, i))
+        assert tensors["latents"].shape == (5, 16, 6, 8, 8) and tensors["latents"].dtype == torch.bfloat16
+        assert tensors["timesteps"].dtype == torch.float32 and tensors["timesteps"].tolist() == meta["timesteps"]
+        n_tokens = len(tokenizer(prompts[i]).input_ids)
+        assert tensors["prompt_embeds"].shape == (n_tokens, kd.TINY_TEXT_DIM)
+        assert metadata == {"prompt": prompts[i], "seed": str(i), "index": str(i), "format_version": "1"}
+        # t_list[0] = 999 matched grid point 1000 (sigma 1): the first state is the seeded noise itself
+        noise = generate_cache.initial_noise(meta["latent_shape"], cfg.data.seed + i)[0]
+        assert torch.equal(tensors["latents"][0], noise.to(torch.bfloat16))
+        assert not torch.equal(tensors["latents"][1], tensors["latents"][0])
+    embeds = generate_cache.encode_prompt(encoder, tokenizer, prompts[0], 512, torch.device("cpu"))
+    assert torch.equal(read_sample(kd.sample_path(reference_cache, 0))[0]["prompt_embeds"], embeds.bfloat16())
+
+
+def test_keep_full_trajectory_records_every_state(tmp_path, reference_cache):
+    cfg = tiny_config(tmp_path / "full", "data.num_samples=1", "method.keep_full_trajectory=true")
+    generate_cache.generate_cache(cfg)
+    full, _ = read_sample(kd.sample_path(tmp_path / "full", 0))
+    part, _ = read_sample(kd.sample_path(reference_cache, 0))
+    assert full["latents"].shape[0] == 49 and full["timesteps"][-1] == 0
+    assert torch.equal(full["latents"][[0, 12, 24, 36, 48]], part["latents"])
+
+
+def test_a_truncated_file_and_a_stray_temporary_file_are_repaired(tmp_path, reference_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    victim = Path(kd.sample_path(cache, 1))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    Path(kd.sample_path(cache, 4)).unlink()
+    stray = Path(kd.sample_path(cache, 2) + kd.TMP_SUFFIX)
+    stray.write_bytes(b"half a file")
+    assert kd.sample_file_problem(str(victim), json.loads((cache / "metadata.json").read_text()), 1)
+    written = generate_cache.generate_cache(tiny_config(cache, "data.num_samples=6"))
+    assert written == 2 and not stray.exists()
+    assert_same_cache(cache, reference_cache)
+
+
+def test_a_stale_cache_is_refused_listing_each_differing_field(reference_cache):
+    cfg = tiny_config(reference_cache, "data.num_samples=6", "method.teacher_guidance_scale=4.5", "data.seed=7")
+    with pytest.raises(kd.CacheError) as e:
+        generate_cache.generate_cache(cfg)
+    msg = str(e.value)
+    assert "teacher_guidance_scale: config 4.5, cache 3.0" in msg and "seed: config 7, cache 0" in msg
+    assert "flow_shift" not in msg
+
+
+def test_a_run_killed_part_way_then_rerun_equals_an_uninterrupted_run(tmp_path, reference_cache):
+    cache = tmp_path / "cache"
+    args = ["generate_cache.py", TINY, *tiny_overrides(cache, "data.num_samples=6")]
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    first = Path(kd.sample_path(cache, 0))
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (cache / "COMPLETE").exists(), "the kill came too late to test resuming"
+    run_script(*args)
+    assert_same_cache(cache, reference_cache)
+
+
+def test_two_rank_torchrun_cache_equals_the_single_process_cache(tmp_path, reference_cache):
+    cache = tmp_path / "cache"
+    proc = run_script("generate_cache.py", TINY, *tiny_overrides(cache, "data.num_samples=6"), torchrun=2)
+    assert "complete: 6 samples written" in proc.stdout
+    assert_same_cache(cache, reference_cache)
