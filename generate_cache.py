@@ -127,13 +127,14 @@ def generate_cache(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     if rank == 0 and missing and os.path.exists(complete_marker):
         os.remove(complete_marker)
     mine = missing[rank::world_size]
-    if mine:
+    if mine or (rank == 0 and not os.path.exists(kd.negative_embeds_path(cache_dir))):
         _write_samples(cfg, mine, prompts, fingerprint, device, rank, missing)
     kd.barrier()  # ranks with fewer samples wait here; nothing collective runs inside the sample loop
     if rank == 0:
-        absent = [i for i in range(len(prompts)) if not os.path.exists(kd.sample_path(cache_dir, i))]
+        paths = [kd.sample_path(cache_dir, i) for i in range(len(prompts))] + [kd.negative_embeds_path(cache_dir)]
+        absent = [p for p in paths if not os.path.exists(p)]
         if absent:
-            raise RuntimeError(f"samples {absent[:10]} of {cache_dir} were not written")
+            raise RuntimeError(f"{absent[:10]} were not written")
         kd.write_json_atomic(complete_marker, {"num_samples": len(prompts)})
     kd.barrier()
     return len(missing)
@@ -148,6 +149,9 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, missing):
     negative = encode_prompt(encoder, tokenizer, m.teacher_negative_prompt, max_len, device).to(dtype)
     del encoder, tokenizer
     kd.free_device_memory(device)  # the text encoder is gone before the teacher arrives
+    if rank == 0 and not os.path.exists(kd.negative_embeds_path(m.teacher_path_cache)):  # for K-step references
+        kd.write_atomic(kd.negative_embeds_path(m.teacher_path_cache), lambda tmp: save_file(
+            {"prompt_embeds": negative.contiguous()}, tmp, metadata={"prompt": m.teacher_negative_prompt}))
 
     # The teacher is frozen and replicated: bf16 parameters on GPU halve its memory; nothing here needs fp32 master
     # weights or FSDP.

@@ -17,7 +17,9 @@ Overrides after the config file are dotted keys whose values are parsed as YAML.
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
 from datetime import timedelta
@@ -25,6 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import yaml
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,6 +82,30 @@ DEFAULTS = {
         "seed": 0,  # sample i's initial noise is drawn from seed + i
         "cache_dtype": "bfloat16",  # dtype of cached latents and prompt embeddings
     },
+    "training": {
+        "output_dir": "runs/kd",  # checkpoint-{step}/ folders, metrics.jsonl, eval.jsonl, config.yaml
+        "max_steps": 2000,  # optimizer steps
+        "batch_size": 1,  # samples per rank per micro-step
+        "grad_accum_steps": 1,  # micro-steps per optimizer step
+        "lr": 2e-6,  # AdamW peak learning rate
+        "betas": [0.9, 0.999],  # AdamW betas
+        "weight_decay": 0.01,  # AdamW decoupled weight decay
+        "eps": 1e-8,  # AdamW epsilon
+        "warmup_steps": 0,  # linear warmup from 0 to lr, in optimizer steps
+        "lr_schedule": "constant",  # after warmup: constant | cosine (to 0 at max_steps)
+        "max_grad_norm": 1.0,  # clip the global gradient norm to this (0 = no clipping)
+        "gradient_checkpointing": False,  # recompute each transformer block in backward (less memory)
+        "seed": 0,  # data order and timestep draws
+        "num_workers": 2,  # DataLoader worker processes per rank (0 = load in the training process)
+        "prefetch_factor": 4,  # batches each worker loads ahead
+        "log_every": 10,  # optimizer steps between metrics.jsonl lines
+        "checkpoint_every": 500,  # optimizer steps between checkpoints (a final one is always written)
+        "keep_checkpoints": 3,  # keep the latest K complete checkpoints
+        "resume": "auto",  # auto: from the highest complete checkpoint in output_dir | never | a checkpoint path
+        "eval_every": 500,  # optimizer steps between evaluations on the held-out samples (and at the end)
+        "eval_samples": 4,  # the last N cache samples are held out from training for evaluation
+        "wandb_project": Opt(str),  # log to this Weights & Biases project (wandb is imported only then)
+    },
 }
 
 OPTIONAL_SECTIONS = ("models.student", "models.teacher")  # absent from the YAML means the role is absent
@@ -103,6 +130,9 @@ class Config(dict):
             raise AttributeError(name) from None
 
 
+FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(kind):
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}[kind]
 
@@ -113,6 +143,8 @@ def _check_leaf(path, default, value):
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str) and FLOAT_RE.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads 1e-4 (no dot) as a string
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{path}: expected {_type_name(kind)}, got {value!r} ({type(value).__name__})")
@@ -215,6 +247,19 @@ def validate_config(cfg):
         raise ConfigError(f"data.cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cfg.data.cache_dtype!r}")
     if cfg.data.num_samples is not None and cfg.data.num_samples < 1:
         raise ConfigError("data.num_samples must be >= 1")
+    t = cfg.training
+    positive = ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                "eval_every", "prefetch_factor")
+    for key in positive:
+        if t[key] < 1:
+            raise ConfigError(f"training.{key} must be >= 1, got {t[key]}")
+    for key in ("lr", "weight_decay", "eps", "warmup_steps", "max_grad_norm", "num_workers", "eval_samples"):
+        if t[key] < 0:
+            raise ConfigError(f"training.{key} must be >= 0, got {t[key]}")
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
+    if t.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"training.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
     for role in ("student", "teacher"):
         section = cfg.models[role]
         if section is not None and not section.init_from:
@@ -406,6 +451,7 @@ def autocast(device):
 # The trajectory cache:
 #   <cache>/samples/{index:08d}.safetensors  latents [K+1, C, F, H, W] (states at the recorded timesteps, then x0),
 #                                            timesteps [K+1] float32 (0 last), prompt_embeds [L, D] (real tokens)
+#   <cache>/negative_prompt_embeds.safetensors  prompt_embeds [L, D] of the CFG negative prompt
 #   <cache>/metadata.json                    the fingerprint below
 #   <cache>/COMPLETE                         written once every sample exists
 
@@ -415,6 +461,10 @@ TMP_SUFFIX = ".tmp"
 
 def sample_path(cache_dir, index):
     return os.path.join(cache_dir, "samples", f"{index:08d}.safetensors")
+
+
+def negative_embeds_path(cache_dir):
+    return os.path.join(cache_dir, "negative_prompt_embeds.safetensors")
 
 
 def read_prompts(cfg):
@@ -436,8 +486,11 @@ def prompts_sha256(prompts):
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
 
 
-def cache_fingerprint(cfg, prompts, shape):
-    """What a cache was made from; a cache whose fingerprint differs from the config's is refused."""
+def cache_fingerprint(cfg, prompts=None, shape=None):
+    """What a cache was made from; a cache whose fingerprint differs from the config's is refused.
+
+    Fields that cannot be known (no prompts file, no teacher to read the latent shape from) are None: not compared.
+    """
     m, p = cfg.method, cfg.pipeline
     return {
         "format_version": CACHE_FORMAT_VERSION,
@@ -452,8 +505,8 @@ def cache_fingerprint(cfg, prompts, shape):
         "max_sequence_length": p.max_sequence_length,
         "latent_shape": list(shape) if shape is not None else None,
         "timesteps": recorded_timesteps(cfg),
-        "num_samples": len(prompts),
-        "prompts_sha256": prompts_sha256(prompts),
+        "num_samples": len(prompts) if prompts is not None else cfg.data.num_samples,
+        "prompts_sha256": prompts_sha256(prompts) if prompts is not None else None,
         "seed": cfg.data.seed,
         "dtype": cfg.data.cache_dtype,
     }
@@ -510,6 +563,11 @@ def _umask():
     return mask
 
 
+def _write_lines(path, lines):
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
 def write_json_atomic(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -555,17 +613,21 @@ DIST_TIMEOUT = timedelta(hours=2)  # ranks that finish early wait this long at b
 
 
 def init_distributed():
-    """(rank, world_size, device): NCCL and cuda:LOCAL_RANK on GPU, gloo on CPU, or a single process."""
+    """(rank, world_size, device): NCCL and cuda:LOCAL_RANK on GPU, gloo on CPU.
+
+    Without torchrun the process is a world of one, so FSDP2 and DCP run exactly the same code.
+    """
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT,
-                                device_id=device if cuda else None)
+        backend, device_id = ("nccl", device) if cuda else ("gloo", None)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=DIST_TIMEOUT, device_id=device_id)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=DIST_TIMEOUT,
+                                    device_id=device_id)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -599,8 +661,548 @@ def run_cli(main, argv):
     """main(argv), turning a bad config or cache into one line on stderr (rank 0) and exit status 2."""
     try:
         main(argv)
-    except (ConfigError, CacheError) as e:
+    except (ConfigError, CacheError, FloatingPointError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         shutdown_distributed()
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cached-trajectory dataset
+
+
+def open_cache(cfg):
+    """The metadata of cfg's complete, matching cache (CacheError if it is incomplete or was made differently)."""
+    cache_dir = cfg.method.teacher_path_cache
+    if not os.path.exists(os.path.join(cache_dir, "COMPLETE")):
+        raise CacheError(
+            f"Teacher path cache at {cache_dir} is incomplete and no teacher model is configured; "
+            "add a 'teacher' entry under 'models:' or provide a complete cache"
+        )
+    prompts = read_prompts(cfg) if cfg.data.prompts else None
+    shape = latent_shape(cfg.models.teacher.init_from, cfg) if cfg.models.teacher else None
+    meta = check_cache_metadata(cache_dir, cache_fingerprint(cfg, prompts, shape))
+    if meta is None:
+        raise CacheError(f"{cache_dir} has COMPLETE but no metadata.json; delete it to regenerate the cache")
+    return meta
+
+
+def state_positions(cfg, recorded):
+    """Position in a cached file's state axis of each t_list entry but the final 0 (matched to `recorded`)."""
+    grid = torch.tensor(recorded[:-1], dtype=torch.float64)
+    positions = []
+    for t in cfg.method.t_list[:-1]:
+        i = int((grid - t).abs().argmin())
+        if abs(float(grid[i]) - t) > cfg.method.t_list_tolerance:
+            raise CacheError(f"t_list entry {t} has no cached state within method.t_list_tolerance; the cache "
+                             f"recorded timesteps {recorded}")
+        positions.append(i)
+    return positions
+
+
+class TrajectoryDataset(torch.utils.data.Dataset):
+    """Reads, per item (sample index, per-frame step indices [F]), only the states that item needs.
+
+    Returns x_t [C, F, H, W] (each frame from the state of its own step), x0 [C, F, H, W] and the prompt
+    embeddings zero-padded to the length the teacher saw [max_len, D], all in the cache dtype.
+    """
+
+    def __init__(self, cache_dir, positions, max_len):
+        self.cache_dir, self.positions, self.max_len = cache_dir, positions, max_len
+
+    def __getitem__(self, key):
+        index, steps = key
+        path = sample_path(self.cache_dir, index)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                latents = f.get_slice("latents")  # [K+1, C, F, H, W] on disk
+                runs, start = [], 0
+                for end in range(1, len(steps) + 1):  # consecutive frames drawing the same state: one slice
+                    if end == len(steps) or steps[end] != steps[start]:
+                        runs.append(latents[self.positions[steps[start]], :, start:end])
+                        start = end
+                x_t = torch.cat(runs, dim=1)
+                x0 = latents[-1]
+                embeds = f.get_tensor("prompt_embeds")
+        except Exception as e:
+            raise CacheError(f"cannot read cached sample {path}: {type(e).__name__}: {e}") from None
+        padded = torch.cat([embeds, embeds.new_zeros(self.max_len - embeds.shape[0], embeds.shape[1])])
+        return {"x_t": x_t, "x0": x0, "prompt_embeds": padded, "steps": torch.tensor(steps), "index": index}
+
+
+def stable_seed(*parts):
+    """A 63-bit seed from any parts, the same in every process and run."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class KDBatchSampler:
+    """Endless (sample index, step indices) batches for one rank, from micro-batch `start` on.
+
+    Epoch e shuffles the training indices from (seed, e); rank r takes a fixed stride of the shuffle (all ranks
+    equally many); micro-batch p draws its timesteps from (seed, rank, p). Batch p is therefore the same
+    whether the run started at 0 or resumed at p.
+    """
+
+    def __init__(self, train_indices, batch_size, rank, world_size, seed, num_frames, sample_steps, start=0):
+        self.train, self.batch_size, self.rank, self.world = train_indices, batch_size, rank, world_size
+        self.seed, self.num_frames, self.sample_steps, self.start = seed, num_frames, sample_steps, start
+        self.per_epoch = len(train_indices) // world_size // batch_size
+        if self.per_epoch < 1:
+            raise ConfigError(
+                f"{len(train_indices)} training samples cannot fill one batch of training.batch_size={batch_size} "
+                f"on each of {world_size} ranks; generate more samples or lower training.eval_samples"
+            )
+
+    def batch(self, position):
+        epoch, j = divmod(position, self.per_epoch)
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(stable_seed(self.seed, epoch)))
+        mine = order[: self.per_epoch * self.batch_size * self.world][self.rank :: self.world]
+        chosen = mine[j * self.batch_size : (j + 1) * self.batch_size].tolist()
+        g = torch.Generator().manual_seed(stable_seed(self.seed, self.rank, position))
+        steps = self.sample_steps(g, len(chosen), self.num_frames)  # [B, F]
+        return [(self.train[i], tuple(row)) for i, row in zip(chosen, steps.tolist())]
+
+    def __iter__(self):
+        position = self.start
+        while True:
+            yield self.batch(position)
+            position += 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The student
+
+
+def build_student(cfg, device):
+    """The student transformer, fp32 parameters, FSDP2-sharded per block then at the root (bf16 compute on GPU)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import warnings
+
+    # Wan returns a reshaped view; we only read it out of place, which FSDP2's warning is about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    model = load_transformer(cfg.models.student.init_from, torch.device("cpu"))
+    if cfg.training.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model.to(device)
+
+
+def model_timestep(t_frames, uniform):
+    """What WanTransformer3DModel takes as `timestep`: [B] when each sample has one timestep, else [B, F] per frame."""
+    return t_frames[:, 0] if uniform else t_frames
+
+
+def student_velocity(model, x_t, t_frames, uniform, prompt_embeds):
+    """v [B, C, F, H, W] fp32 for inputs x_t [B, C, F, H, W] at per-frame timesteps t_frames [B, F]."""
+    timestep = model_timestep(t_frames, uniform)
+    if timestep.dim() == 2:  # per-token timesteps, as diffusers accepts them
+        tokens_per_frame = (x_t.shape[3] // model.config.patch_size[1]) * (x_t.shape[4] // model.config.patch_size[2])
+        timestep = timestep.repeat_interleave(tokens_per_frame, dim=1)
+    return model(x_t, timestep, prompt_embeds, return_dict=False)[0].float()
+
+
+def x0_prediction(x_t, v, sigma_frames):
+    """x0 = x_t - sigma * v with one sigma per frame: sigma_frames [B, F]."""
+    return x0_from_velocity(x_t, v, sigma_frames[:, None, :, None, None])
+
+
+def kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, uniform, prompt_embeds):
+    """0.5 * MSE(x0_pred, x0_teacher) per frame [B, F], fp32; its mean is the seed's loss."""
+    v = student_velocity(model, x_t, t_frames, uniform, prompt_embeds)
+    return 0.5 * (x0_prediction(x_t, v, sigma_frames) - x0).pow(2).mean(dim=(1, 3, 4))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_lambda(cfg):
+    t = cfg.training
+
+    def factor(step):
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "cosine":
+            progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def plain(obj):
+    """Config -> plain dicts and lists (for YAML and JSON)."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def checkpoint_dirs(output_dir):
+    """{step: path} of the complete checkpoints (temporary folders of interrupted saves are not listed)."""
+    found = {}
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            step = name.removeprefix("checkpoint-")
+            path = os.path.join(output_dir, name)
+            if step.isdigit() and os.path.exists(os.path.join(path, "trainer_state.pt")):
+                found[int(step)] = path
+    return dict(sorted(found.items()))
+
+
+class KDTrainer:
+    """The KD run: the student learns x0 from the teacher's cached states at its t_list timesteps."""
+
+    def __init__(self, cfg, rank, world_size, device):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.t_list = [float(t) for t in cfg.method.t_list]
+        self.num_steps = len(self.t_list) - 1  # K
+
+    def sample_step_indices(self, generator, batch_size, num_frames):
+        """Per-frame student step indices [B, F] in [0, K): one uniform draw per sample, shared by its frames."""
+        return torch.randint(self.num_steps, (batch_size, 1), generator=generator).expand(batch_size, num_frames)
+
+    # -- set-up ------------------------------------------------------------------------------------------
+
+    def prepare(self):
+        """Cache (generated if needed), references from the teacher, then the student, optimizer and data."""
+        cfg, t = self.cfg, self.cfg.training
+        self.ensure_cache()
+        self.meta = open_cache(cfg)
+        recorded = self.meta["timesteps"]
+        self.positions = state_positions(cfg, recorded)
+        self.t_values = torch.tensor(self.t_list[:-1], device=self.device)  # [K] as written, for conditioning
+        self.sigmas = torch.tensor([recorded[p] / NUM_TRAIN_TIMESTEPS for p in self.positions],
+                                   device=self.device)  # [K] matched, for x0 = x_t - sigma * v
+        self.next_sigmas = torch.cat([self.sigmas[1:], self.sigmas.new_zeros(1)])
+        n = self.meta["num_samples"]
+        if t.eval_samples >= n:
+            raise ConfigError(f"training.eval_samples={t.eval_samples} must be below the {n} cached samples")
+        self.train_indices, self.eval_indices = list(range(n - t.eval_samples)), list(range(n - t.eval_samples, n))
+        os.makedirs(t.output_dir, exist_ok=True)
+        if self.rank == 0:
+            with open(os.path.join(t.output_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(plain(cfg), f, sort_keys=False, allow_unicode=True)
+        self.references = self.load_references()
+        if cfg.models.teacher is not None and "teacher" not in self.references and self.eval_indices:
+            self.references["teacher"] = self.teacher_rollout_error()
+        free_device_memory(self.device)  # no teacher or text encoder is left before the student's optimizer
+        self.model = build_student(cfg, self.device)
+        if self.model.config.in_channels != self.meta["latent_shape"][0]:
+            raise ConfigError(f"the student takes {self.model.config.in_channels} latent channels, the cache holds "
+                              f"{self.meta['latent_shape'][0]}")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas),
+                                           weight_decay=t.weight_decay, eps=t.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.step = 0
+        self.resume()
+        if "untrained" not in self.references and self.eval_indices:
+            if self.step:
+                raise CacheError("cannot measure the untrained student's reference on a resumed run: "
+                                 f"{self.reference_path()} is missing")
+            self.references["untrained"] = self.evaluate()["rollout_error"]
+        self.save_references()
+
+    def ensure_cache(self):
+        if os.path.exists(os.path.join(self.cfg.method.teacher_path_cache, "COMPLETE")):
+            return
+        if self.cfg.models.teacher is None:
+            open_cache(self.cfg)  # raises the seed's error
+        import generate_cache
+
+        generate_cache.generate_cache(self.cfg, self.rank, self.world_size, self.device)
+
+    def reference_path(self):
+        return os.path.join(self.cfg.training.output_dir, "eval_reference.json")
+
+    def load_references(self):
+        path = self.reference_path()
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+
+    def save_references(self):
+        if self.rank == 0:
+            write_json_atomic(self.reference_path(), self.references)
+        barrier()
+
+    def data_loader(self, start):
+        t = self.cfg.training
+        sampler = KDBatchSampler(self.train_indices, t.batch_size, self.rank, self.world_size, t.seed,
+                                 self.meta["latent_shape"][1], self.sample_step_indices, start)
+        dataset = TrajectoryDataset(self.cfg.method.teacher_path_cache, self.positions, self.meta["max_sequence_length"])
+        workers = dict(num_workers=t.num_workers, prefetch_factor=t.prefetch_factor, persistent_workers=True) \
+            if t.num_workers else {}
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, pin_memory=self.device.type == "cuda",
+                                           **workers)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def state_dict_pair(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def save_checkpoint(self):
+        import torch.distributed.checkpoint as dcp
+
+        out = self.cfg.training.output_dir
+        final = os.path.join(out, f"checkpoint-{self.step}")
+        tmp = final + TMP_SUFFIX
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        dcp.save(self.state_dict_pair(), checkpoint_id=tmp)
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+        torch.save(rng, os.path.join(tmp, f"rng-rank{self.rank}.pt"))
+        barrier()
+        if self.rank == 0:
+            state = {"step": self.step, "micro_batches": self.step * self.cfg.training.grad_accum_steps,
+                     "scheduler": self.scheduler.state_dict(), "world_size": self.world_size}
+            write_atomic(os.path.join(tmp, "trainer_state.pt"), lambda p: torch.save(state, p))
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)  # the folder appears under its final name only when complete
+            for step, path in list(checkpoint_dirs(out).items())[: -self.cfg.training.keep_checkpoints]:
+                shutil.rmtree(path)
+        barrier()
+
+    def resume(self):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        t = self.cfg.training
+        if self.rank == 0 and os.path.isdir(t.output_dir):
+            for name in os.listdir(t.output_dir):  # saves interrupted by a crash
+                if name.startswith("checkpoint-") and name.endswith(TMP_SUFFIX):
+                    shutil.rmtree(os.path.join(t.output_dir, name), ignore_errors=True)
+        barrier()
+        found = checkpoint_dirs(t.output_dir)
+        if t.resume == "never":
+            if found:
+                raise ConfigError(f"training.output_dir {t.output_dir} already holds checkpoints "
+                                  f"{list(found.values())}; use training.resume=auto or another output_dir")
+            return
+        path = found[max(found)] if found and t.resume == "auto" else (t.resume if t.resume != "auto" else None)
+        if path is None:
+            return
+        if not os.path.exists(os.path.join(path, "trainer_state.pt")):
+            raise ConfigError(f"training.resume: {path} is not a complete checkpoint folder")
+        state = self.state_dict_pair()
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.step = trainer["step"]
+        rng_path = os.path.join(path, f"rng-rank{self.rank}.pt")
+        if os.path.exists(rng_path):  # absent when resuming on more ranks than wrote the checkpoint
+            rng = torch.load(rng_path, weights_only=False)
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"])
+        if self.rank == 0:  # lines a killed run logged after this checkpoint are logged again from here
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                log_path = os.path.join(t.output_dir, name)
+                if os.path.exists(log_path):
+                    with open(log_path) as f:
+                        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+                    write_atomic(log_path, lambda p, lines=kept: _write_lines(p, lines))
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+
+    def load_eval_sample(self, index):
+        """(states [K, C, F, H, W] at the t_list entries, teacher x0 [C, F, H, W], embeds [1, max_len, D]) on device."""
+        keys = [(index, (k,) * self.meta["latent_shape"][1]) for k in range(self.num_steps)]
+        dataset = TrajectoryDataset(self.cfg.method.teacher_path_cache, self.positions, self.meta["max_sequence_length"])
+        items = [dataset[key] for key in keys]
+        states = torch.stack([item["x_t"] for item in items]).to(self.device).float()
+        return states, items[0]["x0"].to(self.device).float(), items[0]["prompt_embeds"][None].to(self.device).float()
+
+    def rank_share(self, indices):
+        """This rank's stride of `indices`, padded with weight-0 repeats so every rank runs as many forwards."""
+        per_rank = -(-len(indices) // self.world_size)
+        mine = indices[self.rank :: self.world_size]
+        return [(i, 1.0) for i in mine] + [(indices[0], 0.0)] * (per_rank - len(mine))
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Held-out KD loss per t_list entry and the student's K-step rollout error against the teacher's x0."""
+        self.model.eval()
+        K = self.num_steps
+        sums = torch.zeros(K + 1, device=self.device, dtype=torch.float64)  # [K per-entry losses, rollout error]
+        for index, weight in self.rank_share(self.eval_indices):
+            states, x0, embeds = self.load_eval_sample(index)
+            frames = states.shape[2]
+            t_frames = self.t_values[:, None].expand(K, frames)
+            losses = kd_frame_losses(self.model, states, x0[None], t_frames, self.sigmas[:, None].expand(K, frames),
+                                     True, embeds.expand(K, -1, -1))  # [K, F]
+            sums[:K] += weight * losses.mean(dim=1).double()
+            sums[K] += weight * (self.student_rollout(states[:1], embeds) - x0).pow(2).mean().double()
+        dist.all_reduce(sums)
+        sums /= len(self.eval_indices)
+        self.model.train()
+        result = {f"loss_t{self.t_list[k]:g}": sums[k].item() for k in range(K)}
+        result["loss"] = sums[:K].mean().item()
+        result["rollout_error"] = sums[K].item()
+        return result
+
+    def student_rollout(self, noise, embeds):
+        """The student's deterministic K-step sampling through t_list from the cached initial state; x0 [C, F, H, W]."""
+        x = noise  # [1, C, F, H, W]
+        for k in range(self.num_steps):
+            t = self.t_values[k : k + 1, None].expand(1, x.shape[2])
+            x0 = x0_prediction(x, student_velocity(self.model, x, t, True, embeds), self.sigmas[k : k + 1, None])
+            eps = (x - (1 - self.sigmas[k]) * x0) / self.sigmas[k]
+            x = add_noise(x0, eps, self.next_sigmas[k])
+        return x0[0]
+
+    @torch.no_grad()
+    def teacher_rollout_error(self):
+        """MSE of the teacher's own K-step sampling (same grid points as the student, with CFG) vs its 48-step x0."""
+        import generate_cache
+        from safetensors.torch import load_file
+
+        teacher_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        teacher = load_transformer(self.cfg.models.teacher.init_from, self.device, teacher_dtype)
+        teacher.eval().requires_grad_(False)
+        negative = load_file(negative_embeds_path(self.cfg.method.teacher_path_cache))["prompt_embeds"]
+        negative = generate_cache.pad_embeds(negative, self.meta["max_sequence_length"])[None].to(self.device).float()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for index in self.eval_indices[self.rank :: self.world_size]:
+            states, x0, embeds = self.load_eval_sample(index)
+            out = generate_cache.teacher_rollout(teacher, states[:1], embeds, negative, self.sigmas.double().cpu(),
+                                                 self.cfg.method.teacher_guidance_scale, [])
+            total += (out[0, -1] - x0).pow(2).mean().double()
+        del teacher
+        dist.all_reduce(total)
+        return total.item() / len(self.eval_indices)
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def log(self, text):
+        if self.rank == 0:
+            tqdm.write(text) if "tqdm" in sys.modules else print(text)
+
+    def append_jsonl(self, name, record):
+        if self.rank == 0:
+            with open(os.path.join(self.cfg.training.output_dir, name), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({f"{name.removesuffix('.jsonl')}/{k}": v for k, v in record.items()}, step=record["step"])
+
+    def run_eval(self):
+        result = self.evaluate()
+        refs = self.references
+        record = {"step": self.step, **result, **{f"rollout_error_{k}": v for k, v in refs.items()}}
+        self.append_jsonl("eval.jsonl", record)
+        teacher = f"{refs['teacher']:.5f}" if "teacher" in refs else "n/a (no teacher configured)"
+        per_entry = ", ".join(f"{k}={v:.5f}" for k, v in result.items() if k.startswith("loss_t"))
+        self.log(f"eval step {self.step}: kd loss {result['loss']:.5f} ({per_entry}) | rollout error: student "
+                 f"{result['rollout_error']:.5f}, untrained student {refs.get('untrained', float('nan')):.5f}, "
+                 f"teacher {self.num_steps}-step {teacher}")
+        return result
+
+    def train_step(self, batches):
+        """One optimizer step over grad_accum_steps micro-batches; (loss sums per entry [K], counts [K], grad norm)."""
+        K, accum = self.num_steps, len(batches)
+        entry_loss = torch.zeros(K, device=self.device)
+        entry_count = torch.zeros(K, device=self.device)
+        for i, batch in enumerate(batches):
+            self.model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per optimizer step
+            x_t = batch["x_t"].to(self.device, non_blocking=True).float()  # [B, C, F, H, W]
+            x0 = batch["x0"].to(self.device, non_blocking=True).float()
+            embeds = batch["prompt_embeds"].to(self.device, non_blocking=True).float()  # [B, max_len, D]
+            steps = batch["steps"].to(self.device, non_blocking=True)  # [B, F]
+            uniform = bool((batch["steps"] == batch["steps"][:, :1]).all())  # on the CPU copy: no device sync
+            frame_loss = kd_frame_losses(self.model, x_t, x0, self.t_values[steps], self.sigmas[steps], uniform,
+                                         embeds)  # [B, F]
+            (frame_loss.mean() / accum).backward()
+            with torch.no_grad():
+                entry_loss.index_add_(0, steps.flatten(), frame_loss.detach().flatten())
+                entry_count.index_add_(0, steps.flatten(), torch.ones_like(frame_loss).flatten())
+        max_norm = self.cfg.training.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss = entry_loss.sum() / entry_count.sum()
+        if not torch.isfinite(loss + grad_norm):  # all-reduced below only at log steps; this rank's view suffices
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step "
+                                     f"{self.step + 1}; stopping without saving these weights")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return entry_loss, entry_count, grad_norm
+
+    def train(self):
+        import time
+
+        t = self.cfg.training
+        self.wandb = None
+        if t.wandb_project and self.rank == 0:
+            import wandb
+
+            self.wandb = wandb
+            wandb.init(project=t.wandb_project, config=plain(self.cfg), dir=t.output_dir)
+        self.model.train()
+        accum = t.grad_accum_steps
+        batches = iter(self.data_loader(start=self.step * accum))
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=self.rank != 0, desc="kd", dynamic_ncols=True)
+        K = self.num_steps
+        window = torch.zeros(2 * K + 1, device=self.device)  # per-entry loss sums, counts, grad-norm sum
+        window_steps, window_start = 0, time.perf_counter()
+        while self.step < t.max_steps:
+            loss_sums, counts, grad_norm = self.train_step([next(batches) for _ in range(accum)])
+            window += torch.cat([loss_sums, counts, grad_norm.reshape(1).to(window.dtype)])
+            window_steps += 1
+            bar.update(1)
+            last = self.step == t.max_steps
+            if self.step % t.log_every == 0 or last:
+                dist.all_reduce(window)
+                elapsed = time.perf_counter() - window_start
+                sums, cnt = window[:K], window[K : 2 * K]
+                record = {"step": self.step, "loss": (sums.sum() / cnt.sum()).item()}
+                record.update({f"loss_t{self.t_list[k]:g}": (sums[k] / cnt[k]).item() if cnt[k] > 0 else None
+                               for k in range(K)})
+                record.update({"lr": self.scheduler.get_last_lr()[0],
+                               "grad_norm": window[2 * K].item() / (window_steps * self.world_size),
+                               "samples_per_s": window_steps * accum * t.batch_size * self.world_size / elapsed})
+                self.append_jsonl("metrics.jsonl", record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                window.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if (self.step % t.eval_every == 0 or last) and self.eval_indices:
+                self.run_eval()
+            if self.step % t.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+        bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def main(argv, trainer_cls=KDTrainer):
+    cfg = config_from_argv(argv)
+    rank, world_size, device = init_distributed()
+    torch.manual_seed(stable_seed(cfg.training.seed, rank))
+    trainer = trainer_cls(cfg, rank, world_size, device)
+    trainer.prepare()
+    trainer.train()
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    import kd  # run the importable module, so this file's classes exist once (kd_causal imports kd too)
+
+    kd.run_cli(kd.main, sys.argv[1:])
