@@ -372,3 +372,190 @@ def test_two_rank_torchrun_cache_equals_the_single_process_cache(tmp_path, refer
     proc = run_script("generate_cache.py", TINY, *tiny_overrides(cache, "data.num_samples=6"), torchrun=2)
     assert "complete: 6 samples written" in proc.stdout
     assert_same_cache(cache, reference_cache)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KD training
+
+
+def train_overrides(cache, out, *extra):
+    return tiny_overrides(cache, "data.num_samples=16", f"training.output_dir={out}", "training.max_steps=100",
+                          "training.log_every=1", "training.checkpoint_every=25", "training.keep_checkpoints=2",
+                          "training.eval_every=50", "training.eval_samples=2", "training.num_workers=1", *extra)
+
+
+@pytest.fixture(scope="module")
+def kd_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("kd") / "cache"
+    generate_cache.generate_cache(tiny_config(cache, "data.num_samples=16"))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(kd_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kd") / "run"
+    proc = run_script("kd.py", TINY, *train_overrides(kd_cache, out), torchrun=2)
+    return out, proc
+
+
+def read_jsonl(path, drop=("samples_per_s",)):
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in Path(path).read_text().splitlines()]
+
+
+class ExactVelocity(torch.nn.Module):
+    """An oracle student: returns the exact velocity eps - x0 of the inputs it is given (Wan's forward signature)."""
+
+    def __init__(self, x0, eps):
+        super().__init__()
+        self.x0, self.eps = x0, eps
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
+        return (self.eps - self.x0,)
+
+
+def test_kd_loss_is_zero_for_the_exact_velocity_and_half_the_mse_otherwise():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 16, 3, 4, 4, generator=g), torch.randn(2, 16, 3, 4, 4, generator=g)
+    sigma = torch.tensor([[0.9375] * 3, [0.625] * 3])  # [B, F]
+    x_t = kd.add_noise(x0, eps, sigma[:, None, :, None, None])
+    t = sigma * 1000
+    losses = kd.kd_frame_losses(ExactVelocity(x0, eps), x_t, x0, t, sigma, True, torch.zeros(2, 5, 8))
+    assert losses.shape == (2, 3) and losses.abs().max() < 1e-12
+    wrong = kd.kd_frame_losses(ExactVelocity(x0 + 0.1, eps), x_t, x0, t, sigma, True, torch.zeros(2, 5, 8))
+    expected = 0.5 * (sigma * 0.1) ** 2  # x0_pred - x0 = sigma * 0.1 everywhere
+    assert torch.allclose(wrong, expected, rtol=1e-4)
+
+
+def test_batches_give_each_rank_distinct_training_samples_reshuffled_each_epoch():
+    def sampler(rank, start=0):
+        trainer = kd.KDTrainer.__new__(kd.KDTrainer)
+        trainer.num_steps = 4
+        return kd.KDBatchSampler(list(range(10)), 2, rank, 2, 0, 3, trainer.sample_step_indices, start)
+
+    a, b = sampler(0), sampler(1)
+    assert a.per_epoch == 2
+    epoch0 = [[i for i, _ in a.batch(p) + b.batch(p)] for p in range(2)]
+    seen = [i for batch in epoch0 for i in batch]
+    assert len(seen) == len(set(seen)) == 8 and set(seen) <= set(range(10))
+    epoch1 = [i for p in (2, 3) for i, _ in a.batch(p) + b.batch(p)]
+    assert epoch1 != seen
+    assert a.batch(7) == sampler(0, start=7).batch(7) == next(iter(sampler(0, start=7)))
+    steps = [s for p in range(200) for _, s in a.batch(p)]
+    assert all(len(set(s)) == 1 and len(s) == 3 for s in steps)  # one step index shared by all frames
+    assert {s[0] for s in steps} == {0, 1, 2, 3}
+
+
+def test_a_corrupt_cached_sample_is_an_error_naming_the_file(tmp_path, reference_cache):
+    shutil.copytree(reference_cache, tmp_path / "c")
+    path = Path(kd.sample_path(tmp_path / "c", 3))
+    path.write_bytes(path.read_bytes()[:1000])
+    dataset = kd.TrajectoryDataset(str(tmp_path / "c"), [0, 1, 2, 3], 512)
+    assert dataset[(2, (1, 1, 1, 1, 1, 1))]["x_t"].shape == (16, 6, 8, 8)
+    with pytest.raises(kd.CacheError, match=f"cannot read cached sample {path}"):
+        dataset[(3, (0,) * 6)]
+
+
+def test_dataset_reads_each_frame_from_the_state_of_its_own_step(reference_cache):
+    dataset = kd.TrajectoryDataset(str(reference_cache), [0, 1, 2, 3], 512)
+    item = dataset[(0, (3, 3, 0, 1, 1, 2))]
+    latents = read_sample(kd.sample_path(reference_cache, 0))[0]["latents"]
+    for f, k in enumerate((3, 3, 0, 1, 1, 2)):
+        assert torch.equal(item["x_t"][:, f], latents[k, :, f])
+    assert torch.equal(item["x0"], latents[-1])
+    embeds = read_sample(kd.sample_path(reference_cache, 0))[0]["prompt_embeds"]
+    assert item["prompt_embeds"].shape == (512, kd.TINY_TEXT_DIM)
+    assert torch.equal(item["prompt_embeds"][: len(embeds)], embeds) and item["prompt_embeds"][len(embeds):].eq(0).all()
+
+
+def test_a_tiny_two_rank_run_learns_and_beats_the_untrained_student(uninterrupted_run):
+    out, proc = uninterrupted_run
+    losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert len(losses) == 100
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+    record = read_jsonl(out / "metrics.jsonl")[0]
+    assert {"step", "loss", "loss_t999", "loss_t937", "loss_t833", "loss_t624", "lr", "grad_norm"} <= set(record)
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [50, 100]
+    final = evals[-1]
+    assert final["rollout_error"] < final["rollout_error_untrained"]
+    assert final["rollout_error_teacher"] > 0
+    assert "eval step 100" in proc.stdout + proc.stderr and "teacher 4-step" in proc.stdout + proc.stderr
+    assert sorted(os.listdir(out)) == ["checkpoint-100", "checkpoint-75", "config.yaml", "eval.jsonl",
+                                       "eval_reference.json", "metrics.jsonl"]  # keep-latest-2
+    saved = kd.load_config(out / "config.yaml")
+    assert saved.training.max_steps == 100 and saved.method.t_list == [999, 937, 833, 624, 0]
+
+
+def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_bit_for_bit(kd_cache, uninterrupted_run,
+                                                                                   tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "kd.py", str(TINY),
+           *train_overrides(kd_cache, out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-25").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint-25").exists() and not (out / "checkpoint-100").exists(), "kill came too late"
+    (out / "checkpoint-90.tmp").mkdir()  # an interrupted save is ignored (and cleaned up)
+    (out / "checkpoint-90.tmp" / ".metadata").write_bytes(b"garbage")
+    resumed = run_script("kd.py", TINY, *train_overrides(kd_cache, out), torchrun=2)
+    assert "resumed from" in resumed.stdout + resumed.stderr and not (out / "checkpoint-90.tmp").exists()
+    reference = uninterrupted_run[0]
+    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
+    assert read_jsonl(out / "eval.jsonl") == read_jsonl(reference / "eval.jsonl")
+
+
+def test_missing_cache_without_a_teacher_is_the_seed_error(tmp_path):
+    proc = run_script("kd.py", TINY, *train_overrides(tmp_path / "nocache", tmp_path / "run", "models.teacher=null"),
+                      check=False)
+    assert proc.returncode == 2
+    assert f"Teacher path cache at {tmp_path / 'nocache'} is incomplete" in proc.stderr
+    assert "add a 'teacher' entry under 'models:' or provide a complete cache" in proc.stderr
+
+
+def test_missing_cache_with_a_teacher_is_generated_and_the_teacher_freed_before_the_student(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    teachers, checked = [], []
+    load_transformer, load_text_encoder = kd.load_transformer, kd.load_text_encoder
+
+    def spy_transformer(init_from, device, dtype=torch.float32):
+        if "student" in str(init_from):
+            gc.collect()
+            checked.append([ref() is None for ref in teachers])
+        model = load_transformer(init_from, device, dtype)
+        if "teacher" in str(init_from):
+            teachers.append(weakref.ref(model))
+        return model
+
+    def spy_text_encoder(init_from, device):
+        encoder, tokenizer = load_text_encoder(init_from, device)
+        teachers.append(weakref.ref(encoder))
+        return encoder, tokenizer
+
+    monkeypatch.setattr(kd, "load_transformer", spy_transformer)
+    monkeypatch.setattr(kd, "load_text_encoder", spy_text_encoder)
+    cfg = kd.load_config(TINY, train_overrides(tmp_path / "cache", tmp_path / "run", "data.num_samples=6"))
+    rank, world_size, device = kd.init_distributed()
+    try:
+        trainer = kd.KDTrainer(cfg, rank, world_size, device)
+        trainer.prepare()
+    finally:
+        kd.shutdown_distributed()
+    assert (tmp_path / "cache" / "COMPLETE").exists()
+    assert len(teachers) == 3  # text encoder and teacher for generation, teacher for the K-step reference
+    assert checked == [[True, True, True]]
+    assert set(json.loads((tmp_path / "run" / "eval_reference.json").read_text())) == {"teacher", "untrained"}
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_without_saving(kd_cache, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("kd.py", TINY, *train_overrides(kd_cache, out, "training.lr=1e30", "training.warmup_steps=0",
+                                                       "training.checkpoint_every=1"), check=False)
+    assert proc.returncode == 2
+    assert "non-finite loss" in proc.stderr and "at step 2;" in proc.stderr
+    assert (out / "checkpoint-1").exists() and not [p for p in os.listdir(out) if p.startswith("checkpoint-2")]
