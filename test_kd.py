@@ -559,3 +559,114 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_without_saving(kd_cache
     assert proc.returncode == 2
     assert "non-finite loss" in proc.stderr and "at step 2;" in proc.stderr
     assert (out / "checkpoint-1").exists() and not [p for p in os.listdir(out) if p.startswith("checkpoint-2")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Causal KD
+
+
+def causal_sampler(frames_per_block=3, num_steps=4):
+    import kd_causal
+
+    trainer = kd_causal.CausalKDTrainer.__new__(kd_causal.CausalKDTrainer)
+    trainer.cfg = kd.Config(method=kd.Config(num_frames_per_block=frames_per_block))
+    trainer.num_steps = num_steps
+    return trainer.sample_step_indices
+
+
+def test_causal_sampler_draws_one_uniform_step_per_block_with_a_partial_last_block():
+    sample = causal_sampler(frames_per_block=3, num_steps=4)
+    steps = sample(torch.Generator().manual_seed(0), 4000, 8)  # blocks: frames 0-2, 3-5, 6-7
+    assert steps.shape == (4000, 8) and steps.dtype == torch.long
+    assert steps.min() == 0 and steps.max() == 3
+    for block in ([0, 1, 2], [3, 4, 5], [6, 7]):
+        assert (steps[:, block] == steps[:, block[:1]]).all()  # constant inside a block
+    assert (steps[:, 0] != steps[:, 3]).float().mean() > 0.7  # blocks draw independently (3/4 expected)
+    assert (steps[:, 3] != steps[:, 6]).float().mean() > 0.7
+    assert len({tuple(r) for r in steps[:10].tolist()}) > 5  # samples differ
+    counts = torch.bincount(steps[:, [0, 3, 6]].flatten(), minlength=4).float() / (3 * 4000)
+    assert (counts - 0.25).abs().max() < 0.02  # uniform over [0, K)
+
+
+@pytest.fixture(scope="module")
+def tiny_student():
+    def build(attention, frames_per_block=2):
+        model = kd.load_transformer(str(REPO / "tiny_models" / "wan-tiny-student"), torch.device("cpu"))
+        kd.accept_frame_timesteps(model)
+        if attention == "block_causal":
+            kd.make_block_causal(model, frames_per_block)
+        return model
+
+    return build
+
+
+def student_inputs(seed, frames=6):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 16, frames, 4, 6, generator=g), torch.rand(2, frames, generator=g) * 1000,
+            torch.randn(2, 7, kd.TINY_TEXT_DIM, generator=g))
+
+
+def test_block_causal_outputs_of_earlier_blocks_ignore_later_blocks(tiny_student):
+    model = tiny_student("block_causal", frames_per_block=2)  # blocks: frames 0-1, 2-3, 4-5
+    x, t, text = student_inputs(0)
+    with torch.no_grad():
+        base = model(x, t, text, return_dict=False)[0]
+        x2, t2 = x.clone(), t.clone()
+        x2[:, :, 2:4] += torch.randn_like(x2[:, :, 2:4])  # perturb block 1's latents and timesteps
+        t2[:, 2:4] = 500.0
+        out = model(x2, t2, text, return_dict=False)[0]
+    assert (out[:, :, :2] - base[:, :, :2]).abs().max() == 0  # block 0: exactly unchanged
+    assert (out[:, :, 2:4] - base[:, :, 2:4]).abs().max() > 1e-3  # block 1 sees its own change
+    assert (out[:, :, 4:] - base[:, :, 4:]).abs().max() > 1e-3  # block 2 sees the past
+    full = tiny_student("full")
+    with torch.no_grad():
+        leak = (full(x2, t2, text, return_dict=False)[0] - full(x, t, text, return_dict=False)[0])[:, :, :2]
+    assert leak.abs().max() > 1e-3  # the bidirectional student does look ahead
+
+
+def test_block_causal_with_one_block_is_the_default_attention(tiny_student):
+    x, t, text = student_inputs(1)
+    with torch.no_grad():
+        causal = tiny_student("block_causal", frames_per_block=6)(x, t, text, return_dict=False)[0]
+        full = tiny_student("full")(x, t, text, return_dict=False)[0]
+    assert torch.allclose(causal, full, atol=1e-5)
+
+
+def test_per_frame_timesteps_equal_the_batch_path_and_diffusers_per_token_path(tiny_student):
+    model = tiny_student("full")
+    x, t, text = student_inputs(2)
+    with torch.no_grad():
+        same = t[:, :1].expand(2, 6)
+        per_frame = model(x, same.contiguous(), text, return_dict=False)[0]
+        batch = model(x, t[:, 0], text, return_dict=False)[0]
+        assert torch.allclose(per_frame, batch, atol=1e-5)
+        tokens = t.repeat_interleave(2 * 3, dim=1)  # [B, F*H'*W'], what diffusers itself accepts
+        assert torch.allclose(model(x, t, text, return_dict=False)[0], model(x, tokens, text, return_dict=False)[0],
+                              atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_student):
+    x, t, text = student_inputs(3)
+    x0 = torch.randn_like(x)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_student("block_causal")
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        kd.kd_frame_losses(model, x, x0, t, t / 1000, False, text).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
+
+
+def test_a_tiny_causal_run_on_the_same_cache_learns(kd_cache, tmp_path):
+    out = tmp_path / "run"
+    overrides = train_overrides(kd_cache, out, "training.max_steps=60", "training.eval_every=60")
+    proc = run_script("kd_causal.py", REPO / "configs" / "tiny_causal.yaml", *overrides, torchrun=2)
+    losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert sum(losses[-15:]) / 15 < 0.6 * sum(losses[:15]) / 15
+    assert "eval step 60" in proc.stdout + proc.stderr
+    final = read_jsonl(out / "eval.jsonl")[-1]
+    assert final["rollout_error"] < final["rollout_error_untrained"]
+    assert kd.load_config(out / "config.yaml").models.student.attention == "block_causal"
