@@ -402,7 +402,14 @@ def ensure_model_dir(init_from):
     if spec is None or os.path.exists(init_from):
         return init_from
     tmp = f"{os.path.normpath(init_from)}.tmp{os.getpid()}"
-    make_tiny_wan(tmp, **spec)
+    if dist.is_initialized():  # transformers' save_pretrained writes nothing on ranks != 0: build outside the group
+        import subprocess
+
+        code = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import kd; " \
+               f"kd.make_tiny_wan({tmp!r}, **{spec!r})"
+        subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
+    else:
+        make_tiny_wan(tmp, **spec)
     try:
         os.rename(tmp, init_from)
     except OSError:  # another process finished the same deterministic build first

@@ -670,3 +670,89 @@ def test_a_tiny_causal_run_on_the_same_cache_learns(kd_cache, tmp_path):
     final = read_jsonl(out / "eval.jsonl")[-1]
     assert final["rollout_error"] < final["rollout_error_untrained"]
     assert kd.load_config(out / "config.yaml").models.student.attention == "block_causal"
+
+
+def test_tiny_models_created_under_torchrun_are_complete(tmp_path):
+    # transformers writes weights only on rank 0 of an initialised process group; every rank must still get them
+    teacher = tmp_path / "wan-tiny-teacher"
+    run_script("generate_cache.py", TINY, *tiny_overrides(tmp_path / "cache", "data.num_samples=2",
+                                                          f"models.teacher.init_from={teacher}"), torchrun=2)
+    assert sorted(os.listdir(teacher / "text_encoder")) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "cache" / "COMPLETE").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+@pytest.fixture(scope="module")
+def exported(uninterrupted_run, tmp_path_factory):
+    import export
+
+    out = tmp_path_factory.mktemp("export") / "student"
+    sf = out.parent / "ode_init.pt"
+    used = export.export(str(uninterrupted_run[0]), str(out), check=True, self_forcing=str(sf))
+    return out, sf, used
+
+
+def test_export_of_a_two_rank_run_loads_in_wan_pipeline_and_generates(exported):
+    from diffusers import WanPipeline
+
+    out, _, used = exported
+    assert used.endswith("checkpoint-100")  # the run's latest complete checkpoint
+    pipe = WanPipeline.from_pretrained(out)
+    video = pipe("a cat walks on the beach", num_frames=5, height=32, width=32, num_inference_steps=2,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 5, 32, 32, 3) and torch.isfinite(torch.as_tensor(video)).all()
+
+
+def test_exported_weights_equal_the_checkpoint_and_the_self_forcing_layout(exported, uninterrupted_run):
+    import export
+    from diffusers import WanTransformer3DModel
+
+    out, sf, used = exported
+    model = WanTransformer3DModel.from_pretrained(out, subfolder="transformer")
+    ckpt = export.load_checkpoint_student(used, export.run_config(used))
+    base = kd.load_transformer(str(REPO / "tiny_models" / "wan-tiny-student"), torch.device("cpu"))
+    trained, initial = model.state_dict(), base.state_dict()
+    assert trained.keys() == ckpt.state_dict().keys()
+    assert all(torch.equal(trained[k], v) for k, v in ckpt.state_dict().items())
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # it is the trained student
+    generator = torch.load(sf, weights_only=True)["generator"]
+    assert "model.blocks.0.self_attn.q.weight" in generator and "model.head.modulation" in generator
+    assert "model.blocks.0.norm3.weight" in generator and "model.time_projection.1.weight" in generator
+    back = export.from_wan_keys(generator)
+    assert back.keys() == trained.keys() and all(torch.equal(back[k], trained[k]) for k in trained)
+    assert os.path.samefile(out / "vae" / "config.json", REPO / "tiny_models" / "wan-tiny-student" / "vae" /
+                            "config.json")  # other components are hard links
+
+
+def test_bf16_export_is_the_checkpoint_rounded_to_bf16(uninterrupted_run, tmp_path):
+    import export
+    from diffusers import WanTransformer3DModel
+
+    export.export(str(uninterrupted_run[0] / "checkpoint-75"), str(tmp_path / "bf16"), dtype="bf16", check=True)
+    model = WanTransformer3DModel.from_pretrained(tmp_path / "bf16", subfolder="transformer")
+    ckpt = export.load_checkpoint_student(str(uninterrupted_run[0] / "checkpoint-75"),
+                                          export.run_config(str(uninterrupted_run[0] / "checkpoint-75")))
+    assert all(torch.equal(model.state_dict()[k].bfloat16(), v.bfloat16()) for k, v in ckpt.state_dict().items())
+
+
+def test_export_refuses_an_existing_output_and_bad_checkpoints_with_clear_errors(exported, uninterrupted_run,
+                                                                                   tmp_path):
+    import export
+
+    out = exported[0]
+    with pytest.raises(kd.ConfigError, match="already exists; pass --overwrite"):
+        export.export(str(uninterrupted_run[0]), str(out))
+    with pytest.raises(kd.ConfigError, match="does not exist"):
+        export.export(str(tmp_path / "nothing"), str(tmp_path / "o1"))
+    (tmp_path / "run" / "checkpoint-5.tmp").mkdir(parents=True)
+    with pytest.raises(kd.ConfigError, match="holds no complete checkpoint"):
+        export.export(str(tmp_path / "run"), str(tmp_path / "o2"))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    proc = run_script("export.py", "--checkpoint", tmp_path / "run", "--output-dir", tmp_path / "o3", check=False)
+    assert proc.returncode == 2 and "error: --checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    (out / "marker").write_text("old")
+    export.export(str(uninterrupted_run[0]), str(out), overwrite=True)
+    assert not (out / "marker").exists() and (out / "transformer" / "config.json").exists()
