@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -522,11 +523,11 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
     }
 
 
-def fingerprint_differences(expected, found, skip=()):
+def fingerprint_differences(expected, found):
     """'field: config X, cache Y' for every differing field (None in `expected` means unknown, not compared)."""
     lines = []
     for key in sorted(set(expected) | set(found)):
-        if key in skip or expected.get(key) is None:
+        if expected.get(key) is None:
             continue
         if expected.get(key) != found.get(key):
             lines.append(f"  {key}: config {expected.get(key)!r}, cache {found.get(key)!r}")
@@ -1005,9 +1006,9 @@ class KDTrainer:
             raise ConfigError(f"training.eval_samples={t.eval_samples} must be below the {n} cached samples")
         self.train_indices, self.eval_indices = list(range(n - t.eval_samples)), list(range(n - t.eval_samples, n))
         os.makedirs(t.output_dir, exist_ok=True)
-        if self.rank == 0:
-            with open(os.path.join(t.output_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(plain(cfg), f, sort_keys=False, allow_unicode=True)
+        if self.rank == 0:  # export.py reads it to find the student's base model
+            write_atomic(os.path.join(t.output_dir, "config.yaml"), lambda p: _write_lines(
+                p, [yaml.safe_dump(plain(cfg), sort_keys=False, allow_unicode=True)]))
         self.references = self.load_references()
         if cfg.models.teacher is not None and "teacher" not in self.references and self.eval_indices:
             self.references["teacher"] = self.teacher_rollout_error()
@@ -1209,7 +1210,7 @@ class KDTrainer:
 
     def log(self, text):
         if self.rank == 0:
-            tqdm.write(text) if "tqdm" in sys.modules else print(text)
+            tqdm.write(text)
 
     def append_jsonl(self, name, record):
         if self.rank == 0:
@@ -1262,8 +1263,6 @@ class KDTrainer:
         return entry_loss, entry_count, grad_norm
 
     def train(self):
-        import time
-
         t = self.cfg.training
         self.wandb = None
         if t.wandb_project and self.rank == 0:
