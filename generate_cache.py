@@ -67,11 +67,6 @@ def encode_prompt(encoder, tokenizer, prompt, max_length, device):
     return hidden[0, : int(mask.sum())].float().cpu()
 
 
-def pad_embeds(embeds, length):
-    """[L, D] -> [length, D], zero rows after the real tokens (what the teacher saw)."""
-    return torch.cat([embeds, embeds.new_zeros(length - embeds.shape[0], embeds.shape[1])])
-
-
 def initial_noise(shape, seed):
     """[1, C, F, H, W] float32 standard normal, drawn on the CPU so it is the same on every device."""
     return torch.randn([1, *shape], generator=torch.Generator().manual_seed(seed))
@@ -152,24 +147,27 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, missing):
     if rank == 0 and not os.path.exists(kd.negative_embeds_path(m.teacher_path_cache)):  # for K-step references
         kd.write_atomic(kd.negative_embeds_path(m.teacher_path_cache), lambda tmp: save_file(
             {"prompt_embeds": negative.contiguous()}, tmp, metadata={"prompt": m.teacher_negative_prompt}))
+    if not indices:
+        return
 
     # The teacher is frozen and replicated: bf16 parameters on GPU halve its memory; nothing here needs fp32 master
     # weights or FSDP.
-    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = kd.load_transformer(cfg.models.teacher.init_from, device, teacher_dtype).eval().requires_grad_(False)
+    model = kd.load_transformer(cfg.models.teacher.init_from, device, kd.compute_dtype(device))
+    model.eval().requires_grad_(False)
     sigmas = kd.shifted_sigmas(m.teacher_inference_steps, cfg.pipeline.flow_shift)
     record = kd.recorded_steps(cfg)
     timesteps = torch.tensor(fingerprint["timesteps"], dtype=torch.float32)
-    negative_in = pad_embeds(negative, max_len).float()[None].to(device)  # [1, max_len, D]
+    negative_in = kd.pad_embeds(negative, max_len).float()[None].to(device)  # [1, max_len, D]
     cache_dir = m.teacher_path_cache
     done_before = fingerprint["num_samples"] - len(missing)
     bar = tqdm(total=fingerprint["num_samples"], initial=done_before, unit="sample", disable=rank != 0,
                desc="teacher trajectories", dynamic_ncols=True)
     for i in indices:
         seed = cfg.data.seed + i
-        states = teacher_rollout(model, initial_noise(fingerprint["latent_shape"], seed).to(device),
-                                 pad_embeds(embeds[i], max_len).float()[None].to(device), negative_in, sigmas,
-                                 m.teacher_guidance_scale, record)  # [1, K+1, C, F, H, W]
+        noise = initial_noise(fingerprint["latent_shape"], seed).to(device)  # [1, C, F, H, W]
+        prompt_in = kd.pad_embeds(embeds[i], max_len).float()[None].to(device)  # [1, max_len, D]
+        states = teacher_rollout(model, noise, prompt_in, negative_in, sigmas, m.teacher_guidance_scale,
+                                 record)  # [1, K+1, C, F, H, W]
         write_sample(kd.sample_path(cache_dir, i), states[0].to(dtype).cpu(), timesteps, embeds[i],
                      {"prompt": prompts[i], "seed": seed, "index": i, "format_version": kd.CACHE_FORMAT_VERSION})
         if rank == 0:  # the bar counts every rank's files, so it shows the global rate and ETA

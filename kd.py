@@ -431,9 +431,9 @@ def load_text_encoder(init_from, device):
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     path = ensure_model_dir(init_from)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-    encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
+    encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=compute_dtype(device))
+    encoder = encoder.to(device).eval()
     return encoder, tokenizer
 
 
@@ -454,6 +454,11 @@ def latent_shape(init_from, cfg):
     return [channels, (p.num_frames - 1) // t_factor + 1, p.height // s_factor, p.width // s_factor]
 
 
+def compute_dtype(device):
+    """bf16 on GPU, fp32 on CPU (where bf16 matmuls are slow and tests want exact arithmetic)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -468,6 +473,11 @@ def autocast(device):
 
 CACHE_FORMAT_VERSION = 1
 TMP_SUFFIX = ".tmp"
+
+
+def pad_embeds(embeds, length):
+    """[L, D] -> [length, D], zero rows after the real tokens (what the teacher saw)."""
+    return torch.cat([embeds, embeds.new_zeros(length - embeds.shape[0], embeds.shape[1])])
 
 
 def sample_path(cache_dir, index):
@@ -740,8 +750,8 @@ class TrajectoryDataset(torch.utils.data.Dataset):
                 embeds = f.get_tensor("prompt_embeds")
         except Exception as e:
             raise CacheError(f"cannot read cached sample {path}: {type(e).__name__}: {e}") from None
-        padded = torch.cat([embeds, embeds.new_zeros(self.max_len - embeds.shape[0], embeds.shape[1])])
-        return {"x_t": x_t, "x0": x0, "prompt_embeds": padded, "steps": torch.tensor(steps), "index": index}
+        return {"x_t": x_t, "x0": x0, "prompt_embeds": pad_embeds(embeds, self.max_len), "steps": torch.tensor(steps),
+                "index": index}
 
 
 def stable_seed(*parts):
@@ -921,7 +931,7 @@ def build_student(cfg, device):
 
 def student_velocity(model, x_t, t_frames, uniform, prompt_embeds):
     """v [B, C, F, H, W] fp32 for inputs x_t [B, C, F, H, W] at per-frame timesteps t_frames [B, F] (fp32)."""
-    dtype = torch.bfloat16 if x_t.device.type == "cuda" else torch.float32
+    dtype = compute_dtype(x_t.device)
     timestep = t_frames[:, 0] if uniform else t_frames  # [B], or [B, F] for the per-frame path
     return model(x_t.to(dtype), timestep.float(), prompt_embeds.to(dtype), return_dict=False)[0].float()
 
@@ -1005,6 +1015,7 @@ class KDTrainer:
         if t.eval_samples >= n:
             raise ConfigError(f"training.eval_samples={t.eval_samples} must be below the {n} cached samples")
         self.train_indices, self.eval_indices = list(range(n - t.eval_samples)), list(range(n - t.eval_samples, n))
+        self.dataset = TrajectoryDataset(cfg.method.teacher_path_cache, self.positions, self.meta["max_sequence_length"])
         os.makedirs(t.output_dir, exist_ok=True)
         if self.rank == 0:  # export.py reads it to find the student's base model
             write_atomic(os.path.join(t.output_dir, "config.yaml"), lambda p: _write_lines(
@@ -1057,10 +1068,9 @@ class KDTrainer:
         t = self.cfg.training
         sampler = KDBatchSampler(self.train_indices, t.batch_size, self.rank, self.world_size, t.seed,
                                  self.meta["latent_shape"][1], self.sample_step_indices, start)
-        dataset = TrajectoryDataset(self.cfg.method.teacher_path_cache, self.positions, self.meta["max_sequence_length"])
         workers = dict(num_workers=t.num_workers, prefetch_factor=t.prefetch_factor, persistent_workers=True) \
             if t.num_workers else {}
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, pin_memory=self.device.type == "cuda",
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, pin_memory=self.device.type == "cuda",
                                            **workers)
 
     # -- checkpoints --------------------------------------------------------------------------------------
@@ -1142,8 +1152,7 @@ class KDTrainer:
     def load_eval_sample(self, index):
         """(states [K, C, F, H, W] at the t_list entries, teacher x0 [C, F, H, W], embeds [1, max_len, D]) on device."""
         keys = [(index, (k,) * self.meta["latent_shape"][1]) for k in range(self.num_steps)]
-        dataset = TrajectoryDataset(self.cfg.method.teacher_path_cache, self.positions, self.meta["max_sequence_length"])
-        items = [dataset[key] for key in keys]
+        items = [self.dataset[key] for key in keys]
         states = torch.stack([item["x_t"] for item in items]).to(self.device).float()
         return states, items[0]["x0"].to(self.device).float(), items[0]["prompt_embeds"][None].to(self.device).float()
 
@@ -1191,11 +1200,10 @@ class KDTrainer:
         import generate_cache
         from safetensors.torch import load_file
 
-        teacher_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        teacher = load_transformer(self.cfg.models.teacher.init_from, self.device, teacher_dtype)
+        teacher = load_transformer(self.cfg.models.teacher.init_from, self.device, compute_dtype(self.device))
         teacher.eval().requires_grad_(False)
         negative = load_file(negative_embeds_path(self.cfg.method.teacher_path_cache))["prompt_embeds"]
-        negative = generate_cache.pad_embeds(negative, self.meta["max_sequence_length"])[None].to(self.device).float()
+        negative = pad_embeds(negative, self.meta["max_sequence_length"])[None].to(self.device).float()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for index in self.eval_indices[self.rank :: self.world_size]:
             states, x0, embeds = self.load_eval_sample(index)
