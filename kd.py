@@ -891,7 +891,11 @@ def _frame_model_forward(model, hidden_states, timestep, encoder_hidden_states, 
     h = model.proj_out(h.flatten(1, 2).type_as(hidden_states))  # [B, L, C * p_t * p_h * p_w]
     h = h.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
     out = h.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [B, C, F, H, W]
-    return (out,) if not return_dict else {"sample": out}
+    if not return_dict:
+        return (out,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=out)  # what the stock forward returns
 
 
 def accept_frame_timesteps(model):
