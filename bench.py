@@ -1,19 +1,225 @@
-"""Measurements that print ratios side by side, on this machine's CPU.
+"""Measurements that print ratios side by side, on this machine's CPU (for a GPU, see bench_gpu.py).
 
+    python bench.py           # the ratios table: generation, scaling, training, cache size, CFG (~3 min, 2 cores)
     python bench.py memory    # peak memory of one causal training step: per-frame vs per-token timesteps
 
-Each variant runs in a fresh process so that peak resident memory (ru_maxrss) belongs to it alone.
+Every ratio is measured in this run, numerator and denominator under the same conditions: one compute thread
+per process, a "small" random Wan teacher and student (2 layers, width 256, 384 tokens; a forward takes tens of
+milliseconds, so compute dominates) built offline under tiny_models/, and the real scripts run as subprocesses.
+Fixed start-up costs (imports, model loading) are separated from per-sample costs by running each generation
+twice with different sample counts: marginal seconds per sample = (T(n2) - T(n1)) / (n2 - n1).
 """
 
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 import torch
 
 import kd
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# ---- ratios -----------------------------------------------------------------------------------------------
+SMALL_MODEL = dict(layers=2, heads=4, head_dim=64, ffn_dim=1024, seed=3)  # teacher and student of the ratios
+SMALL_DIR = os.path.join(REPO, "tiny_models", "wan-bench-small")
+SMALL_PIPELINE = ["pipeline.num_frames=21", "pipeline.height=128", "pipeline.width=128"]  # latents [16, 6, 16, 16]
+GEN_SAMPLES = (2, 6)  # n1, n2 of the marginal per-sample time (even: both ranks get equal shares)
+TIMED_STEPS = 12  # timed training steps per variant, after warm-up
+REAL_LATENTS = (16, 21, 60, 104)  # Wan 480x832, 81 frames
+REAL_TEXT = (512, 4096)  # UMT5-XXL: tokens the teacher sees, width
+TYPICAL_PROMPT_TOKENS = 120  # a long-ish real prompt; the cache keeps only real tokens
+TARGETS = {"generation overhead": ("<=", 1.10), "generation scaling, 2 ranks / 1": (">=", 1.8),
+           "training overhead": ("<=", 1.10), "cache size / upstream, real Wan, 512 tokens": ("<=", 0.12),
+           "cache size / upstream, real Wan, typical prompt": ("<=", 0.12),
+           "cache size / upstream, bench cache on disk": ("<=", 0.12)}
+
+
+def small_config_overrides(cache_dir, num_samples, *extra):
+    return [f"models.student.init_from={SMALL_DIR}", f"models.teacher.init_from={SMALL_DIR}",
+            f"data.prompts={REPO}/prompts/example.txt", f"method.teacher_path_cache={cache_dir}",
+            f"data.num_samples={num_samples}", *SMALL_PIPELINE, *extra]
+
+
+def ensure_small_model():
+    if not os.path.exists(SMALL_DIR):
+        tmp = f"{SMALL_DIR}.tmp{os.getpid()}"
+        kd.make_tiny_wan(tmp, **SMALL_MODEL)
+        os.rename(tmp, SMALL_DIR)
+
+
+def one_thread_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def generation_seconds(cache_dir, num_samples, ranks):
+    """Wall seconds of one complete generate_cache.py run, from process start to exit."""
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                                   if ranks > 1 else [])
+    cmd = launcher + [os.path.join(REPO, "generate_cache.py"), os.path.join(REPO, "configs", "tiny.yaml"),
+                      *small_config_overrides(cache_dir, num_samples)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=one_thread_env(), cwd=REPO, capture_output=True)
+    return time.perf_counter() - start
+
+
+def marginal_seconds_per_sample(workdir, ranks):
+    """(seconds per extra sample, fixed seconds) of generation on `ranks` ranks."""
+    n1, n2 = GEN_SAMPLES
+    t1 = generation_seconds(os.path.join(workdir, f"r{ranks}-n{n1}"), n1, ranks)
+    t2 = generation_seconds(os.path.join(workdir, f"r{ranks}-n{n2}"), n2, ranks)
+    per_sample = (t2 - t1) / (n2 - n1)
+    return per_sample, t1 - n1 * per_sample
+
+
+def forward_times():
+    """Seconds of one bare teacher forward at the CFG batch (2) and at batch 1, interleaved, in this process."""
+    torch.set_num_threads(1)
+    cfg = kd.load_config(os.path.join(REPO, "configs", "tiny.yaml"), small_config_overrides("unused", 1))
+    model = kd.load_transformer(SMALL_DIR, torch.device("cpu")).eval().requires_grad_(False)
+    shape = kd.latent_shape(SMALL_DIR, cfg)
+    text = torch.randn(2, cfg.pipeline.max_sequence_length, kd.TINY_TEXT_DIM)
+    x = torch.randn(2, *shape)  # [2, C, F, H, W]
+    t = torch.full((2,), 937.0)
+    batched, separate = [], []
+    with torch.no_grad():
+        for rep in range(12):
+            start = time.perf_counter()
+            model(x, t, text, return_dict=False)
+            mid = time.perf_counter()
+            model(x[:1], t[:1], text[:1], return_dict=False)
+            model(x[1:], t[1:], text[1:], return_dict=False)
+            end = time.perf_counter()
+            if rep >= 2:  # warm-up
+                batched.append(mid - start)
+                separate.append(end - mid)
+    return {"batched": statistics.median(batched), "separate": statistics.median(separate)}
+
+
+def training_times(cache_dir, output_dir):
+    """Median seconds of a KD train_step (data from the real DataLoader) and of a bare step on the same batch.
+
+    The bare step is a plain (unsharded) copy of the student: forward, the same loss, backward, AdamW. The two
+    alternate step by step, so a slow moment of the machine hits both.
+    """
+    torch.set_num_threads(1)
+    cfg = kd.load_config(os.path.join(REPO, "configs", "tiny.yaml"), small_config_overrides(
+        cache_dir, GEN_SAMPLES[1], "models.teacher=null", "training.eval_samples=0", "training.num_workers=1",
+        f"training.output_dir={output_dir}"))
+    rank, world, device = kd.init_distributed()
+    trainer = kd.KDTrainer(cfg, rank, world, device)
+    trainer.prepare()
+    loader = iter(trainer.data_loader(start=0))
+    bare = kd.load_transformer(SMALL_DIR, device)
+    optimizer = torch.optim.AdamW(bare.parameters(), lr=cfg.training.lr, fused=True)
+    batch = next(loader)
+    x_t, x0, embeds = batch["x_t"].float(), batch["x0"].float(), batch["prompt_embeds"].float()
+    sigma = trainer.sigmas[batch["steps"][:, 0]]  # [B]
+    t = trainer.t_values[batch["steps"][:, 0]]
+
+    def bare_step():
+        v = bare(x_t, t, embeds, return_dict=False)[0]
+        loss = 0.5 * (x_t - sigma[:, None, None, None, None] * v - x0).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    kd_times, bare_times = [], []
+    for rep in range(TIMED_STEPS + 3):
+        start = time.perf_counter()
+        trainer.train_step([next(loader)])
+        mid = time.perf_counter()
+        bare_step()
+        end = time.perf_counter()
+        if rep >= 3:
+            kd_times.append(mid - start)
+            bare_times.append(end - mid)
+    kd.shutdown_distributed()
+    return {"kd": statistics.median(kd_times), "bare": statistics.median(bare_times)}
+
+
+def subprocess_json(*args):
+    out = subprocess.run([sys.executable, __file__, *args], check=True, env=one_thread_env(), cwd=REPO,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cache_bytes(cfg, latents, tokens, states, text_width):
+    """Bytes of the tensors of one sample file with `states` latent states and `tokens` embedding rows."""
+    item = torch.empty((), dtype=kd.CACHE_DTYPES[cfg.data.cache_dtype]).element_size()
+    return item * (states * torch.Size(latents).numel() + tokens * text_width)
+
+
+def cache_ratios(cache_dir):
+    """{label: ratio} of our cache against the upstream layout (all 48 states + x0 + 512 padded tokens)."""
+    from safetensors import safe_open
+
+    cfg = kd.load_config(os.path.join(REPO, "configs", "wan.yaml"))
+    kept = len(kd.recorded_steps(cfg)) + 1  # t_list states and x0
+    upstream_states = cfg.method.teacher_inference_steps + 1
+    real_upstream = cache_bytes(cfg, REAL_LATENTS, REAL_TEXT[0], upstream_states, REAL_TEXT[1])
+    ratios = {
+        "cache size / upstream, real Wan, 512 tokens": cache_bytes(cfg, REAL_LATENTS, 512, kept, REAL_TEXT[1])
+        / real_upstream,
+        "cache size / upstream, real Wan, typical prompt": cache_bytes(
+            cfg, REAL_LATENTS, TYPICAL_PROMPT_TOKENS, kept, REAL_TEXT[1]) / real_upstream,
+    }
+    path = kd.sample_path(cache_dir, 0)
+    with safe_open(path, framework="pt") as f:
+        latents = f.get_slice("latents").get_shape()  # [K+1, C, F, H, W]
+        tokens, width = f.get_slice("prompt_embeds").get_shape()
+    on_disk = os.path.getsize(path)
+    ratios["cache size / upstream, bench cache on disk"] = on_disk / cache_bytes(
+        cfg, latents[1:], cfg.pipeline.max_sequence_length, upstream_states, width)
+    # A bidirectional training item reads one state, x0 and the real embedding rows (causal: the same bytes,
+    # spread over several states frame by frame).
+    read = cache_bytes(cfg, latents[1:], tokens, 2, width)
+    ratios["bytes read per training sample / file size"] = read / on_disk
+    real_read = cache_bytes(cfg, REAL_LATENTS, TYPICAL_PROMPT_TOKENS, 2, REAL_TEXT[1])
+    ratios["bytes read per training sample / file size, real Wan"] = real_read / cache_bytes(
+        cfg, REAL_LATENTS, TYPICAL_PROMPT_TOKENS, kept, REAL_TEXT[1])
+    return ratios
+
+
+def ratios_table():
+    ensure_small_model()
+    workdir = tempfile.mkdtemp(prefix="kd-bench-")
+    forward = subprocess_json("forward-times")
+    teacher_forwards = kd.load_config(os.path.join(REPO, "configs", "tiny.yaml")).method.teacher_inference_steps
+    one, fixed_one = marginal_seconds_per_sample(workdir, 1)
+    two, fixed_two = marginal_seconds_per_sample(workdir, 2)
+    train = subprocess_json("training-times", os.path.join(workdir, f"r1-n{GEN_SAMPLES[1]}"), os.path.join(workdir, "run"))
+    rows = {
+        "generation overhead": one / (teacher_forwards * forward["batched"]),
+        "generation scaling, 2 ranks / 1": one / two,
+        "training overhead": train["kd"] / train["bare"],
+        **cache_ratios(os.path.join(workdir, f"r1-n{GEN_SAMPLES[1]}")),
+        "CFG: one batched forward / two separate": forward["batched"] / forward["separate"],
+    }
+    print(f"bench.py ratios: {os.cpu_count()} CPU cores, torch {torch.__version__}, one compute thread per process; "
+          f"small Wan (2 layers, width 256), latents [16, 6, 16, 16] (384 tokens), CFG batch 2, 48 teacher steps")
+    print(f"  {'measure':<56} {'ratio':>7}  target")
+    failed = []
+    for name, value in rows.items():
+        op, target = TARGETS.get(name, (None, None))
+        shown = round(value, 3)  # 6 kept of 50 upstream states is 0.12 exactly, up to float rounding
+        met = op is None or (shown <= target if op == "<=" else shown >= target)
+        failed += [] if met else [name]
+        mark = "" if op is None else f"{op} {target:<5} {'met' if met else 'MISSED'}"
+        print(f"  {name:<56} {value:7.3f}  {mark}")
+    print(f"  from: bare forward {forward['batched'] * 1e3:.1f} ms at batch 2 ({forward['separate'] * 1e3:.1f} ms as "
+          f"two of batch 1); generation {one:.2f} s per sample on 1 rank, {two:.2f} s on 2 ranks (fixed start-up "
+          f"{fixed_one:.1f} s / {fixed_two:.1f} s); KD step {train['kd'] * 1e3:.0f} ms, bare step "
+          f"{train['bare'] * 1e3:.0f} ms")
+    return failed
+
+
+# ---- memory -----------------------------------------------------------------------------------------------
 # Realistic token count: 81 frames at 480x832 -> latents [16, 21, 60, 104] -> 21 x 30 x 52 = 32760 tokens.
 # Width-reduced (Wan2.1-1.3B is 1536 wide, 30 layers) so that a step fits a 2-core CPU in seconds per variant.
 MEMORY_SHAPE = (1, 16, 21, 60, 104)
@@ -72,10 +278,17 @@ def memory_table():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["memory-variant"]:
+    command = sys.argv[1:2]
+    if command == ["memory-variant"]:
         torch.set_num_threads(2)
         print(json.dumps(memory_variant(sys.argv[2])))
-    elif sys.argv[1:] in ([], ["memory"]):
+    elif command == ["forward-times"]:
+        print(json.dumps(forward_times()))
+    elif command == ["training-times"]:
+        print(json.dumps(training_times(sys.argv[2], sys.argv[3])))
+    elif command == ["memory"]:
         memory_table()
+    elif not command:
+        sys.exit(1 if ratios_table() else 0)
     else:
         raise SystemExit(__doc__)

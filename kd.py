@@ -913,17 +913,23 @@ def build_student(cfg, device):
     Inputs are cast by student_velocity, not by FSDP: its input cast would round the timesteps to bf16 too
     (999 -> 1000), and the student must be conditioned on the t_list values as written.
     """
+    model = load_transformer(cfg.models.student.init_from, torch.device("cpu"))
+    return shard_student(model, cfg.models.student.attention, cfg.method.num_frames_per_block,
+                         cfg.training.gradient_checkpointing, device)
+
+
+def shard_student(model, attention, frames_per_block, gradient_checkpointing, device):
+    """`model` with per-frame timesteps, its attention and checkpointing set, FSDP2-sharded (bench_gpu uses it)."""
     import warnings
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Wan returns a reshaped view; we only read it out of place, which FSDP2's warning is about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    model = load_transformer(cfg.models.student.init_from, torch.device("cpu"))
     accept_frame_timesteps(model)
-    if cfg.models.student.attention == "block_causal":
-        make_block_causal(model, cfg.method.num_frames_per_block)
-    if cfg.training.gradient_checkpointing:
+    if attention == "block_causal":
+        make_block_causal(model, frames_per_block)
+    if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else None,
                               reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -997,6 +1003,7 @@ class KDTrainer:
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.t_list = [float(t) for t in cfg.method.t_list]
         self.num_steps = len(self.t_list) - 1  # K
+        self.first_bad_step = torch.tensor(float("inf"), device=device)  # of a non-finite loss or gradient norm
 
     def sample_step_indices(self, generator, batch_size, num_frames):
         """Per-frame student step indices [B, F] in [0, K): one uniform draw per sample, shared by its frames."""
@@ -1033,7 +1040,7 @@ class KDTrainer:
             raise ConfigError(f"the student takes {self.model.config.in_channels} latent channels, the cache holds "
                               f"{self.meta['latent_shape'][0]}")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas),
-                                           weight_decay=t.weight_decay, eps=t.eps)
+                                           weight_decay=t.weight_decay, eps=t.eps, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.resume()
@@ -1262,17 +1269,26 @@ class KDTrainer:
                 entry_loss.index_add_(0, steps.flatten(), frame_loss.detach().flatten())
                 entry_count.index_add_(0, steps.flatten(), torch.ones_like(frame_loss).flatten())
         max_norm = self.cfg.training.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"),
+                                                   foreach=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         loss = entry_loss.sum() / entry_count.sum()
-        if not torch.isfinite(loss + grad_norm):  # all-reduced below only at log steps; this rank's view suffices
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step "
-                                     f"{self.step + 1}; stopping without saving these weights")
+        # Noted on the device, read by check_finite: a host sync here would stall the GPU queue every step.
+        bad = ~torch.isfinite(loss + grad_norm)
+        self.first_bad_step = torch.where(bad & self.first_bad_step.isinf(), float(self.step + 1), self.first_bad_step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         return entry_loss, entry_count, grad_norm
+
+    def check_finite(self):
+        """Stop if any step so far had a non-finite loss or gradient norm, before its weights are saved or used."""
+        first = self.first_bad_step.clone()
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if torch.isfinite(first):
+            raise FloatingPointError(f"non-finite loss or gradient norm at step {int(first)}; stopping without "
+                                     "saving the weights of that step or later")
 
     def train(self):
         t = self.cfg.training
@@ -1295,7 +1311,11 @@ class KDTrainer:
             window_steps += 1
             bar.update(1)
             last = self.step == t.max_steps
-            if self.step % t.log_every == 0 or last:
+            log, evaluate = self.step % t.log_every == 0 or last, self.step % t.eval_every == 0 or last
+            save = self.step % t.checkpoint_every == 0 or last
+            if log or evaluate or save:
+                self.check_finite()
+            if log:
                 dist.all_reduce(window)
                 elapsed = time.perf_counter() - window_start
                 sums, cnt = window[:K], window[K : 2 * K]
@@ -1309,9 +1329,9 @@ class KDTrainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 window.zero_()
                 window_steps, window_start = 0, time.perf_counter()
-            if (self.step % t.eval_every == 0 or last) and self.eval_indices:
+            if evaluate and self.eval_indices:
                 self.run_eval()
-            if self.step % t.checkpoint_every == 0 or last:
+            if save:
                 self.save_checkpoint()
         bar.close()
         if self.wandb is not None:

@@ -682,6 +682,48 @@ def test_tiny_models_created_under_torchrun_are_complete(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Performance: the GPU benchmark's smoke size and its FLOP model
+
+
+@pytest.mark.parametrize("frames_per_block", [None, 3], ids=["bidirectional", "block_causal"])
+def test_wan_flop_formula_equals_torch_flop_counter(frames_per_block):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import bench_gpu
+
+    config, latents, text_tokens = bench_gpu.SMOKE, (16, 5, 8, 8), 16
+    model = bench_gpu.wan_on(torch.device("cpu"), config, torch.float32)
+    kd.accept_frame_timesteps(model)
+    if frames_per_block:
+        kd.make_block_causal(model, frames_per_block)
+    timestep = torch.full((2, latents[1]) if frames_per_block else (2,), 500.0)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # the math kernel's matmuls are counted
+        model(torch.randn(2, *latents), timestep, torch.randn(2, text_tokens, config["text_dim"]), return_dict=False)
+    assert counter.get_total_flops() == bench_gpu.wan_forward_flops(config, latents, text_tokens, 2, frames_per_block)
+
+
+def test_bench_gpu_smoke_prints_the_table_and_writes_the_documented_json(tmp_path):
+    import bench_gpu
+
+    proc = run_script("bench_gpu.py", "--smoke", "--out", tmp_path / "bench.json")
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result) == {"size", "device", "torch", "text_tokens", "matmul_ceiling_tflops_per_s", "results"}
+    names = [row["name"] for row in result["results"]]
+    assert names == ["teacher smoke step, CFG batch 2"] + [
+        f"student smoke KD step, {a}, checkpointing {c}" for a in ("bidirectional", "block-causal")
+        for c in ("off", "on")]
+    for row in result["results"]:
+        assert row["status"] == "ok" and row["seconds"] > 0 and 0 < row["mfu"] < 1, row
+        assert row["name"] in proc.stdout
+        causal = "block-causal" in row["name"]
+        batch, factor = (2, 1) if row["name"].startswith("teacher") else (1, 3)
+        assert row["flops"] == factor * bench_gpu.wan_forward_flops(bench_gpu.SMOKE, row["latents"], 16, batch,
+                                                                    3 if causal else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Export
 
 
