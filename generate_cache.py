@@ -123,7 +123,7 @@ def generate_cache(cfg, rank=0, world_size=1, device=torch.device("cpu")):
         os.remove(complete_marker)
     mine = missing[rank::world_size]
     if mine or (rank == 0 and not os.path.exists(kd.negative_embeds_path(cache_dir))):
-        _write_samples(cfg, mine, prompts, fingerprint, device, rank, missing)
+        _write_samples(cfg, mine, prompts, fingerprint, device, rank, world_size, missing)
     kd.barrier()  # ranks with fewer samples wait here; nothing collective runs inside the sample loop
     if rank == 0:
         paths = [kd.sample_path(cache_dir, i) for i in range(len(prompts))] + [kd.negative_embeds_path(cache_dir)]
@@ -135,7 +135,7 @@ def generate_cache(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     return len(missing)
 
 
-def _write_samples(cfg, indices, prompts, fingerprint, device, rank, missing):
+def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size, missing):
     m, dtype = cfg.method, kd.CACHE_DTYPES[cfg.data.cache_dtype]
     max_len = cfg.pipeline.max_sequence_length
     encoder, tokenizer = kd.load_text_encoder(cfg.models.teacher.init_from, device)
@@ -162,6 +162,8 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, missing):
     done_before = fingerprint["num_samples"] - len(missing)
     bar = tqdm(total=fingerprint["num_samples"], initial=done_before, unit="sample", disable=rank != 0,
                desc="teacher trajectories", dynamic_ncols=True)
+    queues = [missing[r::world_size] for r in range(world_size)]  # every rank writes its share in this order
+    written = [0] * world_size
     for i in indices:
         seed = cfg.data.seed + i
         noise = initial_noise(fingerprint["latent_shape"], seed).to(device)  # [1, C, F, H, W]
@@ -171,7 +173,10 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, missing):
         write_sample(kd.sample_path(cache_dir, i), states[0].to(dtype).cpu(), timesteps, embeds[i],
                      {"prompt": prompts[i], "seed": seed, "index": i, "format_version": kd.CACHE_FORMAT_VERSION})
         if rank == 0:  # the bar counts every rank's files, so it shows the global rate and ETA
-            bar.update(done_before + sum(os.path.exists(kd.sample_path(cache_dir, j)) for j in missing) - bar.n)
+            for r, queue in enumerate(queues):  # a few stats per sample, even for a huge cache on a network FS
+                while written[r] < len(queue) and os.path.exists(kd.sample_path(cache_dir, queue[written[r]])):
+                    written[r] += 1
+            bar.update(done_before + sum(written) - bar.n)
     bar.close()
     del model
     kd.free_device_memory(device)
