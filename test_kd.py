@@ -310,7 +310,8 @@ def test_cache_layout(reference_cache):
         assert tensors["timesteps"].dtype == torch.float32 and tensors["timesteps"].tolist() == meta["timesteps"]
         n_tokens = len(tokenizer(prompts[i]).input_ids)
         assert tensors["prompt_embeds"].shape == (n_tokens, kd.TINY_TEXT_DIM)
-        assert metadata == {"prompt": prompts[i], "seed": str(i), "index": str(i), "format_version": "1"}
+        assert {k: metadata[k] for k in ("prompt", "seed", "index", "format_version")} == {
+            "prompt": prompts[i], "seed": str(i), "index": str(i), "format_version": "2"}
         # t_list[0] = 999 matched grid point 1000 (sigma 1): the first state is the seeded noise itself
         noise = generate_cache.initial_noise(meta["latent_shape"], cfg.data.seed + i)[0]
         assert torch.equal(tensors["latents"][0], noise.to(torch.bfloat16))
