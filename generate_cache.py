@@ -75,7 +75,7 @@ def initial_noise(shape, seed):
 def write_sample(path, latents, timesteps, prompt_embeds, info):
     """One sample file; its metadata is `info` plus the CRC32 checksums the dataset verifies (kd.sample_metadata)."""
     tensors = {"latents": latents.contiguous(), "timesteps": timesteps, "prompt_embeds": prompt_embeds.contiguous()}
-    metadata = kd.sample_metadata(tensors["latents"], timesteps, tensors["prompt_embeds"], info)
+    metadata = kd.checksum_metadata(tensors, info)
     kd.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -118,6 +118,11 @@ def generate_cache(cfg, rank=0, world_size=1, device=torch.device("cpu")):
         if not os.path.exists(os.path.join(cache_dir, "metadata.json")):  # first, so a resume can be checked
             kd.write_json_atomic(os.path.join(cache_dir, "metadata.json"), fingerprint)
         remove_leftovers(cache_dir)
+        negative = kd.negative_embeds_path(cache_dir)
+        problem = kd.negative_embeds_problem(cache_dir) if os.path.exists(negative) else None
+        if problem is not None:
+            print(f"[rank 0] regenerating {negative}: {problem}", file=sys.stderr)
+            os.remove(negative)
     kd.barrier()
     missing = missing_samples(cache_dir, fingerprint, rank, world_size)
     complete_marker = os.path.join(cache_dir, "COMPLETE")
@@ -147,8 +152,9 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, missing):
     del encoder, tokenizer
     kd.free_device_memory(device)  # the text encoder is gone before the teacher arrives
     if rank == 0 and not os.path.exists(kd.negative_embeds_path(m.teacher_path_cache)):  # for K-step references
-        kd.write_atomic(kd.negative_embeds_path(m.teacher_path_cache), lambda tmp: save_file(
-            {"prompt_embeds": negative.contiguous()}, tmp, metadata={"prompt": m.teacher_negative_prompt}))
+        tensors = {"prompt_embeds": negative.contiguous()}
+        metadata = kd.checksum_metadata(tensors, {"prompt": m.teacher_negative_prompt})
+        kd.write_atomic(kd.negative_embeds_path(m.teacher_path_cache), lambda tmp: save_file(tensors, tmp, metadata))
     if not indices:
         return
 

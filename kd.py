@@ -320,6 +320,9 @@ def check_paths(cfg):
                               "directory)")
     if cfg.data.prompts:
         read_prompts(cfg)
+    teacher = cfg.models.teacher
+    if teacher is not None and os.path.isdir(teacher.init_from):  # the video size against the VAE's factors
+        latent_shape(teacher.init_from, cfg)
     for field, path in (("method.teacher_path_cache", cfg.method.teacher_path_cache),
                         ("training.output_dir", cfg.training.output_dir)):
         if os.path.exists(path) and not os.path.isdir(path):
@@ -646,33 +649,59 @@ def metadata_checksum(metadata):
     return str(zlib.crc32(json.dumps(rest, sort_keys=True).encode("utf-8")))
 
 
-def sample_metadata(latents, timesteps, prompt_embeds, info):
-    """The metadata of a sample file: `info` (prompt, seed, index, format_version) plus the checksums, as strings."""
+def checksum_metadata(tensors, info):
+    """Safetensors metadata for a cache file: `info` plus a CRC32 per tensor (per (state, frame) slice for
+    `latents`) and one over the metadata itself, all strings."""
     metadata = {k: str(v) for k, v in info.items()}
-    metadata.update(crc32_latents=json.dumps(frame_checksums(latents)), crc32_timesteps=str(crc32(timesteps)),
-                    crc32_prompt_embeds=str(crc32(prompt_embeds)))
+    for name, tensor in tensors.items():
+        metadata[f"crc32_{name}"] = json.dumps(frame_checksums(tensor)) if name == "latents" else str(crc32(tensor))
     metadata["crc32_metadata"] = metadata_checksum(metadata)
     return metadata
-
-
-def stored_frame_checksums(metadata, path):
-    """The verified [K+1][F] latent checksums of a sample file's metadata (CacheError if absent or altered)."""
-    if "crc32_metadata" not in metadata:
-        raise CacheError(f"cached sample {path} has no checksums (written by an older version or damaged); "
-                         f"{REGENERATE_HINT}")
-    if metadata_checksum(metadata) != metadata["crc32_metadata"]:
-        raise CacheError(f"cached sample {path} is corrupt: its metadata fails its CRC32 checksum; {REGENERATE_HINT}")
-    return json.loads(metadata["crc32_latents"])
 
 
 REGENERATE_HINT = "rerun generate_cache.py with the same config to regenerate it"
 
 
+def checked_metadata(metadata, path):
+    """A cache file's metadata after its own checksum (CacheError if it has none or it fails)."""
+    if "crc32_metadata" not in metadata:
+        raise CacheError(f"cache file {path} has no checksums (written by an older version, or damaged); "
+                         f"{REGENERATE_HINT}")
+    if metadata_checksum(metadata) != metadata["crc32_metadata"]:
+        raise CacheError(f"cache file {path} is corrupt: its metadata fails its CRC32 checksum; {REGENERATE_HINT}")
+    return metadata
+
+
 def verify(tensor, expected, path, what):
-    """`tensor`, after checking its bytes against the stored CRC32 `expected`."""
+    """`tensor`, after checking its bytes against the stored CRC32 `expected` (CacheError naming the file)."""
     if crc32(tensor) != int(expected):
-        raise CacheError(f"cached sample {path} is corrupt: {what} fails its CRC32 checksum; {REGENERATE_HINT}")
+        raise CacheError(f"cache file {path} is corrupt: {what} fails its CRC32 checksum; {REGENERATE_HINT}")
     return tensor
+
+
+def read_negative_embeds(cache_dir):
+    """prompt_embeds [L, D] of the CFG negative prompt, verified against its checksum (CacheError naming the file)."""
+    from safetensors import safe_open
+
+    path = negative_embeds_path(cache_dir)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = checked_metadata(f.metadata() or {}, path)
+            return verify(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path, "prompt_embeds")
+    except CacheError:
+        raise
+    except Exception as e:  # safetensors raises several types for truncated or garbled files
+        raise CacheError(f"cannot read cache file {path}: {type(e).__name__}: {one_line(e)}; {REGENERATE_HINT}") \
+            from None
+
+
+def negative_embeds_problem(cache_dir):
+    """Why the negative prompt's embeddings file is unusable, or None."""
+    try:
+        read_negative_embeds(cache_dir)
+    except CacheError as e:
+        return str(e)
+    return None
 
 
 def write_atomic(path, write):
@@ -755,7 +784,7 @@ def sample_file_problem(path, fingerprint, index):
             emb = f.get_slice("prompt_embeds").get_shape()
             if len(emb) != 2 or not 0 < emb[0] <= fingerprint["max_sequence_length"]:
                 return f"prompt_embeds shape {emb}"
-            if frame_checksums(f.get_tensor("latents")) != stored_frame_checksums(meta, path):
+            if frame_checksums(f.get_tensor("latents")) != json.loads(checked_metadata(meta, path)["crc32_latents"]):
                 return "latents fail their CRC32 checksums"
             if crc32(f.get_tensor("timesteps")) != int(meta["crc32_timesteps"]):
                 return "timesteps fail their CRC32 checksum"
@@ -830,6 +859,8 @@ def run_cli(main, argv):
         main(argv)
     except (ConfigError, CacheError, FloatingPointError, WriteError) as e:
         rank = int(os.environ.get("RANK", "0"))
+        for bar in list(getattr(tqdm, "_instances", ())):  # an open bar would redraw after the message at exit
+            bar.close()
         if rank == 0 or not isinstance(e, ConfigError):
             print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         shutdown_distributed()
@@ -892,8 +923,8 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                crcs = stored_frame_checksums(metadata, path)  # [K+1][F]
+                metadata = checked_metadata(f.metadata() or {}, path)
+                crcs = json.loads(metadata["crc32_latents"])  # [K+1][F]
                 latents = f.get_slice("latents")  # [K+1, C, F, H, W] on disk
                 runs, start = [], 0
                 for end in range(1, len(steps) + 1):  # consecutive frames drawing the same state: one slice
@@ -903,6 +934,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
                 x_t = torch.cat(runs, dim=1)  # [C, F, H, W]
                 x0 = latents[-1]  # [C, F, H, W]
                 embeds = verify(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path, "prompt_embeds")
+                verify(f.get_tensor("timesteps"), metadata["crc32_timesteps"], path, "timesteps")  # 4(K+1) bytes
             for frame, step in enumerate(steps):
                 state = self.positions[step]
                 verify(x_t[:, frame], crcs[state][frame], path, f"latents[{state}, :, {frame}]")
@@ -1185,8 +1217,8 @@ def checkpoint_failure(error):
     """One line for a failed checkpoint write: the first rank's own exception for a CheckpointException."""
     failures = getattr(error, "failures", None)
     if failures:
-        rank, failure = next(iter(failures.items()))
-        return f"rank {rank}: {one_line(getattr(failure, 'exc', failure))}"
+        rank, (exc, _stack) = next(iter(failures.items()))
+        return f"rank {rank}: {one_line(exc)}"
     return one_line(error)
 
 
@@ -1304,6 +1336,8 @@ class KDTrainer:
             dcp.save(self.state_dict_pair(), checkpoint_id=tmp)
             torch.save(rng, os.path.join(tmp, f"rng-rank{self.rank}.pt"))
         except (OSError, RuntimeError, CheckpointException) as e:  # CheckpointException gathers every rank's failure
+            if self.rank == 0:  # free the space a full disk needs back; every rank's dcp.save has returned
+                shutil.rmtree(tmp, ignore_errors=True)
             raise WriteError(f"writing checkpoint {tmp}: {checkpoint_failure(e)}") from None
         barrier()
         if self.rank == 0:
@@ -1416,11 +1450,10 @@ class KDTrainer:
     def teacher_rollout_error(self):
         """MSE of the teacher's own K-step sampling (same grid points as the student, with CFG) vs its 48-step x0."""
         import generate_cache
-        from safetensors.torch import load_file
 
         teacher = load_transformer(self.cfg.models.teacher.init_from, self.device, compute_dtype(self.device))
         teacher.eval().requires_grad_(False)
-        negative = load_file(negative_embeds_path(self.cfg.method.teacher_path_cache))["prompt_embeds"]
+        negative = read_negative_embeds(self.cfg.method.teacher_path_cache)
         negative = pad_embeds(negative, self.meta["max_sequence_length"])[None].to(self.device).float()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for index in self.eval_indices[self.rank :: self.world_size]:
