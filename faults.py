@@ -349,7 +349,7 @@ def cache_corruptions(trials, rng, work, reference):
                                                             "training.max_steps=1")]))
         stamps = {p: os.stat(p).st_mtime_ns for p in map(Path, candidates + [kd.sample_path(str(cache), 0)])
                   if p.exists() and p not in victims}
-        generate_cache.generate_cache(kd.load_config(TINY, overrides(cache)))
+        quietly(generate_cache.generate_cache, kd.load_config(TINY, overrides(cache)))
         untouched = all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
         damage = cache_damage(cache, reference)
         outcome.trials += 1
@@ -743,12 +743,22 @@ def reference_cache(cache):
     import kd
 
     began = time.time()
-    generate_cache.generate_cache(kd.load_config(TINY, overrides(cache)))
+    quietly(generate_cache.generate_cache, kd.load_config(TINY, overrides(cache)))
     return time.time() - began
+
+
+def quietly(function, *args):
+    """function(*args) with its progress bars and messages (stderr) dropped."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return function(*args)
 
 
 def campaign(trials, rng, work, quick):
     print("uninterrupted references ...", flush=True)
+    began = time.time()
     reference = work / "reference_cache"
     write_seconds = reference_cache(reference)
     references = {}
@@ -757,12 +767,18 @@ def campaign(trials, rng, work, quick):
         seconds = timed_run(command("kd.py", [TINY, *train_overrides(reference, out)], ranks), out / "metrics.jsonl")
         references[ranks] = (out, seconds)
     tmpfs = SmallDisk.available(work)
-    outcomes = [config_fuzz(trials["fuzz"], rng, work)]
-    outcomes.append(generation_kills(trials["gen"], rng, work, reference, write_seconds))
-    outcomes.append(training_kills(trials["train"], rng, work, reference, references))
-    outcomes.append(cache_corruptions(trials["corrupt"], rng, work, reference))
-    outcomes.append(disk_full(trials["disk"], rng, work, reference, reference, references[1][0], tmpfs))
-    outcomes.append(non_finite(trials["nan"], rng, work, reference))
+    print(f"  ({time.time() - began:.0f} s)", flush=True)
+    scenarios = [lambda: config_fuzz(trials["fuzz"], rng, work),
+                 lambda: generation_kills(trials["gen"], rng, work, reference, write_seconds),
+                 lambda: training_kills(trials["train"], rng, work, reference, references),
+                 lambda: cache_corruptions(trials["corrupt"], rng, work, reference),
+                 lambda: disk_full(trials["disk"], rng, work, reference, reference, references[1][0], tmpfs),
+                 lambda: non_finite(trials["nan"], rng, work, reference)]
+    outcomes = []
+    for scenario in scenarios:
+        began = time.time()
+        outcomes.append(scenario())
+        print(f"  ({outcomes[-1].scenario[:2]} took {time.time() - began:.0f} s)", flush=True)
     return sorted(outcomes, key=lambda o: o.scenario)
 
 
