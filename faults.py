@@ -125,7 +125,7 @@ def is_clear_error(proc, names=()):
 
 
 def timed_run(cmd, marker):
-    """(seconds from `marker` appearing to the end of an uninterrupted run, the process)."""
+    """Seconds from `marker` appearing to the end of an uninterrupted run."""
     proc = start(cmd)
     wait_for(marker, proc)
     appeared = time.time()
@@ -227,12 +227,13 @@ def generation_kills(trials, rng, work, reference, write_seconds):
         wait_for(cache / "metadata.json", proc)  # samples are written from here on
         time.sleep(rng.uniform(0, 0.9 * write_seconds))
         kill(proc)
+        written = count_samples(cache)
         rerun = run(cmd)
         damage = cache_damage(cache, reference)
         outcome.trials += 1
         outcome.survived += rerun.returncode == 0 and not damage
         outcome.lost += len(damage)
-        report(outcome, trial, f"{ranks} rank(s), killed with {count_samples(cache)} files", damage)
+        report(outcome, trial, f"{ranks} rank(s), killed with {written}/{NUM_SAMPLES} samples written", damage)
         shutil.rmtree(cache, ignore_errors=True)
     return outcome
 
@@ -369,7 +370,7 @@ def cache_corruptions(trials, rng, work, reference):
 
 
 class SmallDisk:
-    """A tmpfs of `kib` KiB mounted at `path` (needs root; `available()` says whether this process may)."""
+    """A tmpfs of `kib` KiB mounted at `path` (needs root: `available()` says whether this process may mount)."""
 
     def __init__(self, path, kib):
         self.path, self.kib = Path(path), kib
@@ -378,22 +379,21 @@ class SmallDisk:
     def available(work):
         probe = SmallDisk(work / "probe", 64)
         try:
-            probe.__enter__()
+            probe.mount()
         except (OSError, subprocess.CalledProcessError):
             return False
-        probe.__exit__()
+        probe.unmount()
         return True
 
-    def __enter__(self):
+    def mount(self):
         self.path.mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.kib}k", "tmpfs", str(self.path)], check=True,
                        capture_output=True)
-        return self
 
     def grow(self, kib):
         subprocess.run(["mount", "-o", f"remount,size={kib}k", str(self.path)], check=True, capture_output=True)
 
-    def __exit__(self, *exc):
+    def unmount(self):
         subprocess.run(["umount", str(self.path)], check=False, capture_output=True)
 
 
@@ -408,49 +408,54 @@ def partial_files_taken_as_complete(cache, reference):
     return [str(p) for p in kept if not same_file(p, Path(reference) / "samples" / p.name)]
 
 
-def disk_full(trials, rng, work, reference, kd_cache, train_reference, tmpfs):
+def rerun_damage(rerun, target, reference, generation):
+    """What a completed rerun got wrong: cache files differing from the reference's, or differing log lines."""
+    if rerun.returncode != 0:
+        return [f"the rerun failed ({rerun.returncode})"]
+    if generation:
+        return cache_damage(target, reference)
+    lines = log_damage(target, reference)
+    return [f"{lines} log lines differ"] if lines else []
+
+
+def disk_full(trials, rng, work, reference, train_reference, tmpfs):
     outcome = Outcome("4. disk full (tmpfs) / file-size limit (ulimit -f) mid-write" if tmpfs else
                       "4. file-size limit (ulimit -f) mid-write (no tmpfs: not root)")
     kinds = ["generation, tmpfs", "training, tmpfs"] if tmpfs else []
     kinds += ["generation, ulimit -f", "training, ulimit -f"]
     for trial in range(trials):
         kind = kinds[trial % len(kinds)]
-        folder = work / f"disk_{trial}"
         generation = kind.startswith("generation")
-        if "tmpfs" in kind:
-            kib = rng.randint(8, 420) if generation else rng.randint(16, 2400)
-            disk, limit = SmallDisk(folder, kib), None
-        else:  # the largest files: a sample 64 KiB, a checkpoint's model and optimizer shard 730 KiB
-            kib = rng.randint(1, 63) if generation else rng.randint(1, 720)
-            disk, limit = None, kib
+        folder = work / f"disk_{trial}"
         target = folder / ("cache" if generation else "run")
         script, args = ("generate_cache.py", [TINY, *overrides(target)]) if generation else \
-            ("kd.py", [TINY, *train_overrides(kd_cache, target)])
-        if disk:
-            disk.__enter__()
+            ("kd.py", [TINY, *train_overrides(reference, target)])
+        if "tmpfs" in kind:  # room for a random number of files: the cache is 400 KiB, a checkpoint 830 KiB
+            kib = rng.randint(8, 420) if generation else rng.randint(16, 2400)
+            disk = SmallDisk(folder, kib)
+            disk.mount()
+        else:  # a limit below the largest file: a sample 64 KiB, a checkpoint's model and optimizer shard 730 KiB
+            kib = rng.randint(1, 63) if generation else rng.randint(1, 720)
+            disk = None
         try:
-            failed = run(command(script, args, file_limit_kib=limit))
-            partial = partial_files_taken_as_complete(target, reference) if generation else []
-            leftovers = stray_temporaries(target) if target.exists() else []
+            failed = run(command(script, args, file_limit_kib=None if disk else kib))
+            clear = is_clear_error(failed, ["writing"])
+            lost = partial_files_taken_as_complete(target, reference) if generation else []
+            lost += [str(p) for p in stray_temporaries(folder)]
             if disk:
                 disk.grow(8192)
             rerun = run(command(script, args))
-            damage = cache_damage(target, reference) if generation else \
-                (log_damage(target, train_reference) if rerun.returncode == 0 else 1)
+            lost += rerun_damage(rerun, target, reference if generation else train_reference, generation)
         finally:
             if disk:
-                disk.__exit__()
+                disk.unmount()
         outcome.trials += 1
         outcome.bad_inputs += 1
-        clear = is_clear_error(failed, ["writing"])
         outcome.clear += clear
-        damage_count = len(damage) if isinstance(damage, list) else damage
-        outcome.survived += rerun.returncode == 0 and not damage_count and not partial and not leftovers
-        outcome.lost += damage_count + len(partial) + len(leftovers)
+        outcome.survived += not lost
+        outcome.lost += len(lost)
         last = failed.stderr.strip().splitlines()[-1] if failed.stderr.strip() else f"exit {failed.returncode}"
-        report(outcome, trial, f"{kind} {kib} KiB: {last}",
-               ([] if clear else ["no clear error"]) + partial + [str(p) for p in leftovers] +
-               (damage if isinstance(damage, list) else [f"{damage} log lines differ"] if damage else []))
+        report(outcome, trial, f"{kind} {kib} KiB: {last}", lost + ([] if clear else ["no clear error"]))
         shutil.rmtree(folder, ignore_errors=True)
     return outcome
 
@@ -570,7 +575,8 @@ def mutation(raw, local_teacher, rng, paths):
         return raw, field, f"{field} = {value!r}"
     if kind == "out of range":
         field = rng.choice(list(OUT_OF_RANGE))
-        value = rng.choice([v for v in OUT_OF_RANGE[field] if local_teacher or not (isinstance(v, int) and v in NEEDS_LOCAL_TEACHER)])
+        offline = [v for v in OUT_OF_RANGE[field] if not (isinstance(v, int) and v in NEEDS_LOCAL_TEACHER)]
+        value = rng.choice(OUT_OF_RANGE[field] if local_teacher else offline)
         set_field(raw, field, value)
         return raw, field, f"{field} = {value!r}"
     if kind == "missing":
@@ -772,7 +778,7 @@ def campaign(trials, rng, work, quick):
                  lambda: generation_kills(trials["gen"], rng, work, reference, write_seconds),
                  lambda: training_kills(trials["train"], rng, work, reference, references),
                  lambda: cache_corruptions(trials["corrupt"], rng, work, reference),
-                 lambda: disk_full(trials["disk"], rng, work, reference, reference, references[1][0], tmpfs),
+                 lambda: disk_full(trials["disk"], rng, work, reference, references[1][0], tmpfs),
                  lambda: non_finite(trials["nan"], rng, work, reference)]
     outcomes = []
     for scenario in scenarios:

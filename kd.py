@@ -1352,7 +1352,9 @@ class KDTrainer:
 
     def weights_are_finite(self):
         """Whether every rank's shard of the student's parameters is finite."""
-        local = all(bool(torch.isfinite(getattr(p, "to_local", lambda p=p: p)()).all()) for p in self.model.parameters())
+        # DTensor shards, or plain tensors while FSDP2 holds the root unsharded (after an eval forward)
+        local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                    for p in self.model.parameters())
         flag = torch.tensor(float(local), device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
