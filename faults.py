@@ -93,9 +93,7 @@ def run(cmd, timeout=600):
 
 
 def start(cmd):
-    """A process in its own session, so that SIGKILL reaches torchrun and all its ranks at once."""
-    return subprocess.Popen(cmd, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def wait_for(path, proc, timeout=300):
@@ -108,11 +106,38 @@ def wait_for(path, proc, timeout=300):
     return True
 
 
+def process_tree(pid):
+    """`pid` and every process below it (torchrun starts its ranks in new sessions, out of reach of killpg)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the command name in parentheses may hold spaces
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def signal_all(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def kill(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL the process and all its descendants at one moment, as a pre-empted node does.
+
+    The tree is stopped first, so that no process can start a child between listing and killing.
+    """
+    signal_all(process_tree(proc.pid), signal.SIGSTOP)
+    signal_all(process_tree(proc.pid), signal.SIGKILL)
     proc.wait()
 
 
@@ -224,8 +249,12 @@ def generation_kills(trials, rng, work, reference, write_seconds):
         cache = work / f"gen_kill_{trial}"
         cmd = command("generate_cache.py", [TINY, *overrides(cache)], ranks)
         proc = start(cmd)
-        wait_for(cache / "metadata.json", proc)  # samples are written from here on
-        time.sleep(rng.uniform(0, 0.9 * write_seconds))
+        if trial // 2 % 2 == 0:  # at a random moment of the writing phase
+            wait_for(cache / "metadata.json", proc)  # samples are written from here on
+            time.sleep(rng.uniform(0, 0.9 * write_seconds))
+        else:  # just after a random sample file appeared, while the next one is computed or written
+            wait_for(cache / "samples" / f"{rng.randrange(NUM_SAMPLES - 1):08d}.safetensors", proc)
+            time.sleep(rng.uniform(0, 0.5 * write_seconds / NUM_SAMPLES))
         kill(proc)
         written = count_samples(cache)
         rerun = run(cmd)

@@ -231,7 +231,7 @@ def validate_config(cfg):
         raise ConfigError("KDMethod requires student to be trainable")
     t_list = m.t_list
     if not isinstance(t_list, list) or not t_list or not all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) and not (isinstance(t, float) and not math.isfinite(t))
+        isinstance(t, (int, float)) and not isinstance(t, bool) and not (isinstance(t, float) and math.isnan(t))
         for t in t_list
     ):
         raise ConfigError(
@@ -644,7 +644,7 @@ def frame_checksums(latents):
 
 
 def metadata_checksum(metadata):
-    """CRC32 of a sample file's metadata strings, its own entry excluded."""
+    """CRC32 of a cache file's metadata strings, its own entry excluded."""
     rest = {k: v for k, v in metadata.items() if k != "crc32_metadata"}
     return str(zlib.crc32(json.dumps(rest, sort_keys=True).encode("utf-8")))
 
@@ -1269,6 +1269,7 @@ class KDTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.resume()
+        self.trim_logs()
         if "untrained" not in self.references and self.eval_indices:
             if self.step:
                 raise CacheError("cannot measure the untrained student's reference on a resumed run: "
@@ -1392,14 +1393,18 @@ class KDTrainer:
             torch.set_rng_state(rng["cpu"])
             if rng["cuda"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"])
-        if self.rank == 0:  # lines a killed run logged after this checkpoint are logged again from here
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def trim_logs(self):
+        """Drop the log lines past the starting step: a killed or failed run logged them after its last checkpoint
+        (or before its first), and they are logged again from here."""
+        if self.rank == 0:
             for name in ("metrics.jsonl", "eval.jsonl"):
-                log_path = os.path.join(t.output_dir, name)
+                log_path = os.path.join(self.cfg.training.output_dir, name)
                 if os.path.exists(log_path):
                     with open(log_path) as f:
                         kept = [line for line in f if logged_step(line) <= self.step]
                     write_atomic(log_path, lambda p, lines=kept: _write_lines(p, lines))
-        self.log(f"resumed from {path} at step {self.step}")
 
     # -- evaluation ---------------------------------------------------------------------------------------
 

@@ -906,3 +906,15 @@ def test_the_quick_fault_campaign_loses_nothing_and_every_bad_input_is_a_clear_e
         assert int(trials) >= 1 and survived == trials and lost == "0", scenario
         assert clear == "n/a" or clear.split("/")[0] == clear.split("/")[1], scenario
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_a_restart_without_a_checkpoint_drops_the_log_lines_of_the_run_that_failed(tmp_path, reference_cache):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (1, 2, 3, 4)]
+    (out / "metrics.jsonl").write_text("".join(stale) + '{"step": 5, "lo')  # a line cut short by a full disk
+    run_script("kd.py", TINY, *tiny_overrides(reference_cache, "data.num_samples=6", f"training.output_dir={out}",
+                                              "training.max_steps=3", "training.log_every=1",
+                                              "training.eval_samples=2", "training.num_workers=0"))
+    logged = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in logged] == [1, 2, 3] and all(m["loss"] < 1 for m in logged)
