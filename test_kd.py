@@ -783,8 +783,8 @@ def test_a_flipped_bit_in_a_frame_is_refused_by_exactly_the_reads_that_use_it_an
     shutil.copytree(reference_cache, cache)
     path = kd.sample_path(cache, 2)
     flip_bit(path, latents_byte_offset(path, state=1, frame=4), bit=3)
-    dataset, clean = kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512), kd.TrajectoryDataset(str(reference_cache),
-                                                                                               [0, 1, 2, 3], 512)
+    dataset = kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)
+    clean = kd.TrajectoryDataset(str(reference_cache), [0, 1, 2, 3], 512)
     with pytest.raises(kd.CacheError, match=rf"cache file {path} is corrupt: latents\[1, :, 4\] fails its CRC32 "
                                             r"checksum; rerun generate_cache.py"):
         dataset[(2, (1,) * 6)]
