@@ -72,9 +72,11 @@ def initial_noise(shape, seed):
     return torch.randn([1, *shape], generator=torch.Generator().manual_seed(seed))
 
 
-def write_sample(path, latents, timesteps, prompt_embeds, metadata):
+def write_sample(path, latents, timesteps, prompt_embeds, info):
+    """One sample file; its metadata is `info` plus the CRC32 checksums the dataset verifies (kd.sample_metadata)."""
     tensors = {"latents": latents.contiguous(), "timesteps": timesteps, "prompt_embeds": prompt_embeds.contiguous()}
-    kd.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()}))
+    metadata = kd.checksum_metadata(tensors, info)
+    kd.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def remove_leftovers(cache_dir):
@@ -112,10 +114,15 @@ def generate_cache(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     fingerprint = kd.cache_fingerprint(cfg, prompts, shape)
     kd.check_cache_metadata(cache_dir, fingerprint)  # every rank, so every rank stops on a stale cache
     if rank == 0:
-        os.makedirs(os.path.join(cache_dir, "samples"), exist_ok=True)
+        kd.make_dirs(os.path.join(cache_dir, "samples"))
         if not os.path.exists(os.path.join(cache_dir, "metadata.json")):  # first, so a resume can be checked
             kd.write_json_atomic(os.path.join(cache_dir, "metadata.json"), fingerprint)
         remove_leftovers(cache_dir)
+        negative = kd.negative_embeds_path(cache_dir)
+        problem = kd.negative_embeds_problem(cache_dir) if os.path.exists(negative) else None
+        if problem is not None:
+            print(f"[rank 0] regenerating {negative}: {problem}", file=sys.stderr)
+            os.remove(negative)
     kd.barrier()
     missing = missing_samples(cache_dir, fingerprint, rank, world_size)
     complete_marker = os.path.join(cache_dir, "COMPLETE")
@@ -145,8 +152,9 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
     del encoder, tokenizer
     kd.free_device_memory(device)  # the text encoder is gone before the teacher arrives
     if rank == 0 and not os.path.exists(kd.negative_embeds_path(m.teacher_path_cache)):  # for K-step references
-        kd.write_atomic(kd.negative_embeds_path(m.teacher_path_cache), lambda tmp: save_file(
-            {"prompt_embeds": negative.contiguous()}, tmp, metadata={"prompt": m.teacher_negative_prompt}))
+        tensors = {"prompt_embeds": negative.contiguous()}
+        metadata = kd.checksum_metadata(tensors, {"prompt": m.teacher_negative_prompt})
+        kd.write_atomic(kd.negative_embeds_path(m.teacher_path_cache), lambda tmp: save_file(tensors, tmp, metadata))
     if not indices:
         return
 
@@ -170,6 +178,9 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
         prompt_in = kd.pad_embeds(embeds[i], max_len).float()[None].to(device)  # [1, max_len, D]
         states = teacher_rollout(model, noise, prompt_in, negative_in, sigmas, m.teacher_guidance_scale,
                                  record)  # [1, K+1, C, F, H, W]
+        if not torch.isfinite(states).all():  # a diverged teacher must not leave a checksummed, poisoned file
+            raise FloatingPointError(f"the teacher's trajectory for sample {i} (prompt {prompts[i]!r}) is not finite; "
+                                     "nothing was written for it")
         write_sample(kd.sample_path(cache_dir, i), states[0].to(dtype).cpu(), timesteps, embeds[i],
                      {"prompt": prompts[i], "seed": seed, "index": i, "format_version": kd.CACHE_FORMAT_VERSION})
         if rank == 0:  # the bar counts every rank's files, so it shows the global rate and ETA
@@ -184,6 +195,7 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
 
 def main(argv):
     cfg = kd.config_from_argv(argv)
+    kd.check_paths(cfg)
     rank, world_size, device = kd.init_distributed()
     start = time.perf_counter()
     written = generate_cache(cfg, rank, world_size, device)

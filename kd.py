@@ -21,8 +21,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
+import zlib
 from datetime import timedelta
 
 import torch
@@ -122,6 +124,10 @@ class CacheError(ValueError):
     """The trajectory cache is missing, stale or unreadable."""
 
 
+class WriteError(RuntimeError):
+    """A file could not be written: disk full, file-size limit, permissions."""
+
+
 class Config(dict):
     """A dict whose keys also read as attributes: cfg.method.t_list."""
 
@@ -144,9 +150,11 @@ def _check_leaf(path, default, value):
     if value is None and isinstance(default, Opt):
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str) and FLOAT_RE.fullmatch(value.strip()):
-        return float(value)  # PyYAML reads 1e-4 (no dot) as a string
+        value = float(value)
+    elif kind is float and isinstance(value, str) and FLOAT_RE.fullmatch(value.strip()):
+        value = float(value)  # PyYAML reads 1e-4 (no dot) as a string
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: expected a finite number, got {value!r}")
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{path}: expected {_type_name(kind)}, got {value!r} ({type(value).__name__})")
@@ -188,7 +196,10 @@ def _apply_override(raw, item):
         node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: '{part}' is not a section")
-    node[leaf] = yaml.safe_load(text)
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def load_config(path, overrides=()):
@@ -198,8 +209,10 @@ def load_config(path, overrides=()):
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is unreadable: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     for item in overrides:
@@ -218,7 +231,8 @@ def validate_config(cfg):
         raise ConfigError("KDMethod requires student to be trainable")
     t_list = m.t_list
     if not isinstance(t_list, list) or not t_list or not all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) for t in t_list
+        isinstance(t, (int, float)) and not isinstance(t, bool) and not (isinstance(t, float) and math.isnan(t))
+        for t in t_list
     ):
         raise ConfigError(
             "method_config.t_list must be a non-empty list of integer timestep values, e.g. [999, 937, 833, 624, 0]"
@@ -233,18 +247,28 @@ def validate_config(cfg):
         raise ConfigError(f"method.t_list must be strictly decreasing and end at 0 (at least two entries), got {t_list}")
     if t_list[0] > 1000:
         raise ConfigError(f"method.t_list values must lie in [0, 1000], got {t_list}")
-    if not m.teacher_path_cache:
+    if not m.teacher_path_cache or not m.teacher_path_cache.strip():
         raise ConfigError("method_config.teacher_path_cache must be set")
     if teacher is not None and teacher.trainable:
         raise ConfigError("KDMethod requires teacher to be non-trainable (set trainable: false in models.teacher)")
     if m.num_frames_per_block < 1:
         raise ConfigError("num_frames_per_block must be >= 1")
-    if m.teacher_inference_steps < 1:
-        raise ConfigError("method.teacher_inference_steps must be >= 1")
+    if not 1 <= m.teacher_inference_steps <= NUM_TRAIN_TIMESTEPS:
+        raise ConfigError(f"method.teacher_inference_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], "
+                          f"got {m.teacher_inference_steps}")
+    if m.teacher_guidance_scale < 0:
+        raise ConfigError(f"method.teacher_guidance_scale must be >= 0, got {m.teacher_guidance_scale}")
     if m.t_list_tolerance < 0:
         raise ConfigError("method.t_list_tolerance must be >= 0")
-    if cfg.pipeline.flow_shift <= 0:
+    p = cfg.pipeline
+    if p.flow_shift <= 0:
         raise ConfigError("pipeline.flow_shift must be > 0")
+    for key in ("num_frames", "height", "width", "max_sequence_length"):
+        if p[key] < 1:
+            raise ConfigError(f"pipeline.{key} must be >= 1, got {p[key]}")
+    match_t_list(t_list, m.teacher_inference_steps, p.flow_shift, m.t_list_tolerance)  # off-grid entries fail now
+    if not 0 <= cfg.data.seed < 2**62:  # seed + i seeds a torch.Generator (64-bit)
+        raise ConfigError(f"data.seed must be in [0, 2**62), got {cfg.data.seed}")
     if cfg.data.cache_dtype not in CACHE_DTYPES:
         raise ConfigError(f"data.cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cfg.data.cache_dtype!r}")
     if cfg.data.num_samples is not None and cfg.data.num_samples < 1:
@@ -260,14 +284,53 @@ def validate_config(cfg):
     for key in ("lr", "weight_decay", "eps", "warmup_steps", "max_grad_norm", "num_workers", "eval_samples"):
         if t[key] < 0:
             raise ConfigError(f"training.{key} must be >= 0, got {t[key]}")
-    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                    for b in t.betas):
         raise ConfigError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
     if t.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"training.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
     for role in ("student", "teacher"):
         section = cfg.models[role]
-        if section is not None and not section.init_from:
+        if section is not None and not (section.init_from or "").strip():
             raise ConfigError(f"models.{role}.init_from must be set (a hub id or a local diffusers directory)")
+
+
+HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")  # what from_pretrained looks up on the hub when no such path exists
+
+
+def check_paths(cfg):
+    """The files and folders a run starts from, checked before anything loads: a ConfigError naming the field.
+
+    Hub ids ('namespace/name' with no such local path) and missing tiny-model paths (built on first use) pass.
+    """
+    needs = {"student": ["transformer/config.json"],
+             "teacher": ["transformer/config.json", "text_encoder/config.json", "tokenizer", "vae/config.json"]}
+    for role, parts in needs.items():
+        section = cfg.models[role]
+        path = section.init_from if section is not None else None
+        if path is None or (not os.path.exists(path) and (HUB_ID_RE.fullmatch(path) or
+                                                           os.path.basename(os.path.normpath(path)) in TINY_MODELS)):
+            continue
+        if not os.path.isdir(path):
+            raise ConfigError(f"models.{role}.init_from: {path} is not a directory (expected a diffusers Wan "
+                              "directory or a hub id 'namespace/name')")
+        absent = [part for part in parts if not os.path.exists(os.path.join(path, part))]
+        if absent:
+            raise ConfigError(f"models.{role}.init_from: {path} has no {', '.join(absent)} (expected a diffusers Wan "
+                              "directory)")
+    if cfg.data.prompts:
+        read_prompts(cfg)
+    teacher = cfg.models.teacher
+    if teacher is not None and os.path.isdir(teacher.init_from):  # the video size against the VAE's factors
+        latent_shape(teacher.init_from, cfg)
+    for field, path in (("method.teacher_path_cache", cfg.method.teacher_path_cache),
+                        ("training.output_dir", cfg.training.output_dir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{field}: {path} exists and is not a directory")
+    resume = cfg.training.resume
+    if resume not in ("auto", "never") and not os.path.exists(os.path.join(resume, "trainer_state.pt")):
+        raise ConfigError(f"training.resume: {resume} is not a complete checkpoint folder (expected auto, never or "
+                          "a checkpoint-N folder holding trainer_state.pt)")
 
 
 def config_from_argv(argv):
@@ -470,8 +533,11 @@ def autocast(device):
 #   <cache>/negative_prompt_embeds.safetensors  prompt_embeds [L, D] of the CFG negative prompt
 #   <cache>/metadata.json                    the fingerprint below
 #   <cache>/COMPLETE                         written once every sample exists
+# Each sample file's metadata holds CRC32 checksums of every (state, latent frame) slice of `latents`, of
+# `timesteps`, of `prompt_embeds` and of the other metadata, so that the dataset can verify exactly the slices it
+# reads and a resumed generation the whole file.
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: per-slice CRC32 checksums in each sample file's metadata
 TMP_SUFFIX = ".tmp"
 
 
@@ -497,6 +563,10 @@ def read_prompts(cfg):
             prompts = [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
         raise ConfigError(f"data.prompts: file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"data.prompts: cannot read {path} as UTF-8 text ({e})") from None
+    if not prompts:
+        raise ConfigError(f"data.prompts: {path} holds no prompts")
     n = cfg.data.num_samples
     if n is not None and n > len(prompts):
         raise ConfigError(f"data.num_samples={n} but {path} holds only {len(prompts)} prompts")
@@ -563,19 +633,111 @@ def check_cache_metadata(cache_dir, expected):
     return found
 
 
+def crc32(tensor):
+    """CRC32 of a tensor's bytes in row-major order."""
+    return zlib.crc32(tensor.contiguous().view(torch.uint8).numpy())
+
+
+def frame_checksums(latents):
+    """CRC32 of each (state, latent frame) slice of latents [K+1, C, F, H, W]: K+1 lists of F ints."""
+    return [[crc32(latents[k, :, f]) for f in range(latents.shape[2])] for k in range(latents.shape[0])]
+
+
+def metadata_checksum(metadata):
+    """CRC32 of a cache file's metadata strings, its own entry excluded."""
+    rest = {k: v for k, v in metadata.items() if k != "crc32_metadata"}
+    return str(zlib.crc32(json.dumps(rest, sort_keys=True).encode("utf-8")))
+
+
+def checksum_metadata(tensors, info):
+    """Safetensors metadata for a cache file: `info` plus a CRC32 per tensor (per (state, frame) slice for
+    `latents`) and one over the metadata itself, all strings."""
+    metadata = {k: str(v) for k, v in info.items()}
+    for name, tensor in tensors.items():
+        metadata[f"crc32_{name}"] = json.dumps(frame_checksums(tensor)) if name == "latents" else str(crc32(tensor))
+    metadata["crc32_metadata"] = metadata_checksum(metadata)
+    return metadata
+
+
+REGENERATE_HINT = "rerun generate_cache.py with the same config to regenerate it"
+
+
+def checked_metadata(metadata, path):
+    """A cache file's metadata after its own checksum (CacheError if it has none or it fails)."""
+    if "crc32_metadata" not in metadata:
+        raise CacheError(f"cache file {path} has no checksums (written by an older version, or damaged); "
+                         f"{REGENERATE_HINT}")
+    if metadata_checksum(metadata) != metadata["crc32_metadata"]:
+        raise CacheError(f"cache file {path} is corrupt: its metadata fails its CRC32 checksum; {REGENERATE_HINT}")
+    return metadata
+
+
+def verify(tensor, expected, path, what):
+    """`tensor`, after checking its bytes against the stored CRC32 `expected` (CacheError naming the file)."""
+    if crc32(tensor) != int(expected):
+        raise CacheError(f"cache file {path} is corrupt: {what} fails its CRC32 checksum; {REGENERATE_HINT}")
+    return tensor
+
+
+def read_negative_embeds(cache_dir):
+    """prompt_embeds [L, D] of the CFG negative prompt, verified against its checksum (CacheError naming the file)."""
+    from safetensors import safe_open
+
+    path = negative_embeds_path(cache_dir)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = checked_metadata(f.metadata() or {}, path)
+            return verify(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path, "prompt_embeds")
+    except CacheError:
+        raise
+    except Exception as e:  # safetensors raises several types for truncated or garbled files
+        raise CacheError(f"cannot read cache file {path}: {type(e).__name__}: {one_line(e)}; {REGENERATE_HINT}") \
+            from None
+
+
+def negative_embeds_problem(cache_dir):
+    """Why the negative prompt's embeddings file is unusable, or None."""
+    try:
+        read_negative_embeds(cache_dir)
+    except CacheError as e:
+        return str(e)
+    return None
+
+
 def write_atomic(path, write):
-    """Run write(tmp_path), fsync it, then rename over `path`: a crash leaves either the old file or the new one."""
+    """Run write(tmp_path), fsync it, then rename over `path`: a crash leaves either the old file or the new one.
+
+    A failed write (disk full, file-size limit) removes the temporary file and raises WriteError naming `path`.
+    """
+    from safetensors import SafetensorError
+
     tmp = path + TMP_SUFFIX
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600 files; caches are often shared
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600 files; caches are often shared
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a failed write as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteError(f"writing {path}: {one_line(e)}") from None
     os.replace(tmp, path)
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def one_line(error):
+    return " ".join(str(error).split())
+
+
+def make_dirs(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"creating {path}: {one_line(e)}") from None
 
 
 def _umask():
@@ -622,8 +784,16 @@ def sample_file_problem(path, fingerprint, index):
             emb = f.get_slice("prompt_embeds").get_shape()
             if len(emb) != 2 or not 0 < emb[0] <= fingerprint["max_sequence_length"]:
                 return f"prompt_embeds shape {emb}"
+            if frame_checksums(f.get_tensor("latents")) != json.loads(checked_metadata(meta, path)["crc32_latents"]):
+                return "latents fail their CRC32 checksums"
+            if crc32(f.get_tensor("timesteps")) != int(meta["crc32_timesteps"]):
+                return "timesteps fail their CRC32 checksum"
+            if crc32(f.get_tensor("prompt_embeds")) != int(meta["crc32_prompt_embeds"]):
+                return "prompt_embeds fail their CRC32 checksum"
+    except CacheError as e:
+        return str(e)
     except Exception as e:  # safetensors raises several types for truncated or garbled files
-        return f"unreadable ({type(e).__name__}: {e})"
+        return f"unreadable ({type(e).__name__}: {one_line(e)})"
     return None
 
 
@@ -679,12 +849,20 @@ def shutdown_distributed():
 
 
 def run_cli(main, argv):
-    """main(argv), turning a bad config or cache into one line on stderr (rank 0) and exit status 2."""
+    """main(argv), turning a bad config, cache or write into one line on stderr and exit status 2.
+
+    A config error is the same on every rank and printed by rank 0; the others (a file one rank reads or writes, a
+    non-finite value) are printed by each rank that meets them.
+    """
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past a file-size limit the write fails (EFBIG), not the process
     try:
         main(argv)
-    except (ConfigError, CacheError, FloatingPointError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, CacheError, FloatingPointError, WriteError) as e:
+        rank = int(os.environ.get("RANK", "0"))
+        for bar in list(getattr(tqdm, "_instances", ())):  # an open bar would redraw after the message at exit
+            bar.close()
+        if rank == 0 or not isinstance(e, ConfigError):
+            print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         shutdown_distributed()
         sys.exit(2)
 
@@ -706,6 +884,12 @@ def open_cache(cfg):
     meta = check_cache_metadata(cache_dir, cache_fingerprint(cfg, prompts, shape))
     if meta is None:
         raise CacheError(f"{cache_dir} has COMPLETE but no metadata.json; delete it to regenerate the cache")
+    absent = [sample_path(cache_dir, i) for i in range(meta["num_samples"])
+              if not os.path.exists(sample_path(cache_dir, i))]
+    if absent:
+        raise CacheError(f"{len(absent)} cached sample file(s) are missing ({', '.join(absent[:3])}"
+                         f"{', ...' if len(absent) > 3 else ''}); rerun generate_cache.py with the same config to "
+                         "regenerate them")
     return meta
 
 
@@ -739,19 +923,42 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
+                metadata = checked_metadata(f.metadata() or {}, path)
+                crcs = json.loads(metadata["crc32_latents"])  # [K+1][F]
                 latents = f.get_slice("latents")  # [K+1, C, F, H, W] on disk
                 runs, start = [], 0
                 for end in range(1, len(steps) + 1):  # consecutive frames drawing the same state: one slice
                     if end == len(steps) or steps[end] != steps[start]:
                         runs.append(latents[self.positions[steps[start]], :, start:end])
                         start = end
-                x_t = torch.cat(runs, dim=1)
-                x0 = latents[-1]
-                embeds = f.get_tensor("prompt_embeds")
+                x_t = torch.cat(runs, dim=1)  # [C, F, H, W]
+                x0 = latents[-1]  # [C, F, H, W]
+                embeds = verify(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path, "prompt_embeds")
+                verify(f.get_tensor("timesteps"), metadata["crc32_timesteps"], path, "timesteps")  # 4(K+1) bytes
+            for frame, step in enumerate(steps):
+                state = self.positions[step]
+                verify(x_t[:, frame], crcs[state][frame], path, f"latents[{state}, :, {frame}]")
+                verify(x0[:, frame], crcs[-1][frame], path, f"latents[-1, :, {frame}]")
+        except CacheError:
+            raise
         except Exception as e:
-            raise CacheError(f"cannot read cached sample {path}: {type(e).__name__}: {e}") from None
+            raise CacheError(f"cannot read cached sample {path}: {type(e).__name__}: {one_line(e)}; "
+                             f"{REGENERATE_HINT}") from None
         return {"x_t": x_t, "x0": x0, "prompt_embeds": pad_embeds(embeds, self.max_len), "steps": torch.tensor(steps),
                 "index": index}
+
+    def __getitems__(self, keys):
+        """A DataLoader batch; a CacheError comes back as data, [{"error": message}], so that the training process
+        can report it in one line (the DataLoader re-raises a worker's exceptions with its traceback as message)."""
+        try:
+            return [self[key] for key in keys]
+        except CacheError as e:
+            return [{"error": str(e)}]
+
+
+def collate(items):
+    """default_collate, passing through the error item of TrajectoryDataset.__getitems__."""
+    return items[0] if "error" in items[0] else torch.utils.data.default_collate(items)
 
 
 def stable_seed(*parts):
@@ -996,6 +1203,31 @@ def checkpoint_dirs(output_dir):
     return dict(sorted(found.items()))
 
 
+def logged_step(line):
+    """The step of a metrics.jsonl / eval.jsonl line; a blank or torn line (a write cut short) sorts last."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def next_batch(batches):
+    """The next DataLoader batch; a cache file that failed to read or verify is raised here as its CacheError."""
+    batch = next(batches)
+    if "error" in batch:
+        raise CacheError(batch["error"])
+    return batch
+
+
+def checkpoint_failure(error):
+    """One line for a failed checkpoint write: the first rank's own exception for a CheckpointException."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        rank, (exc, _stack) = next(iter(failures.items()))
+        return f"rank {rank}: {one_line(exc)}"
+    return one_line(error)
+
+
 class KDTrainer:
     """The KD run: the student learns x0 from the teacher's cached states at its t_list timesteps."""
 
@@ -1027,7 +1259,7 @@ class KDTrainer:
             raise ConfigError(f"training.eval_samples={t.eval_samples} must be below the {n} cached samples")
         self.train_indices, self.eval_indices = list(range(n - t.eval_samples)), list(range(n - t.eval_samples, n))
         self.dataset = TrajectoryDataset(cfg.method.teacher_path_cache, self.positions, self.meta["max_sequence_length"])
-        os.makedirs(t.output_dir, exist_ok=True)
+        make_dirs(t.output_dir)
         if self.rank == 0:  # export.py reads it to find the student's base model
             write_atomic(os.path.join(t.output_dir, "config.yaml"), lambda p: _write_lines(
                 p, [yaml.safe_dump(plain(cfg), sort_keys=False, allow_unicode=True)]))
@@ -1044,6 +1276,7 @@ class KDTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.resume()
+        self.trim_logs()
         if "untrained" not in self.references and self.eval_indices:
             if self.step:
                 raise CacheError("cannot measure the untrained student's reference on a resumed run: "
@@ -1082,7 +1315,7 @@ class KDTrainer:
         workers = dict(num_workers=t.num_workers, prefetch_factor=t.prefetch_factor, persistent_workers=True) \
             if t.num_workers else {}
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, pin_memory=self.device.type == "cuda",
-                                           **workers)
+                                           collate_fn=collate, **workers)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -1095,16 +1328,25 @@ class KDTrainer:
     def save_checkpoint(self):
         import torch.distributed.checkpoint as dcp
 
+        from torch.distributed.checkpoint.api import CheckpointException
+
         out = self.cfg.training.output_dir
         final = os.path.join(out, f"checkpoint-{self.step}")
         tmp = final + TMP_SUFFIX
+        if not self.weights_are_finite():
+            raise FloatingPointError(f"non-finite weights after step {self.step}; not saving checkpoint-{self.step}")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+            make_dirs(tmp)
         barrier()
-        dcp.save(self.state_dict_pair(), checkpoint_id=tmp)
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
-        torch.save(rng, os.path.join(tmp, f"rng-rank{self.rank}.pt"))
+        try:
+            dcp.save(self.state_dict_pair(), checkpoint_id=tmp)
+            torch.save(rng, os.path.join(tmp, f"rng-rank{self.rank}.pt"))
+        except (OSError, RuntimeError, CheckpointException) as e:  # CheckpointException gathers every rank's failure
+            if self.rank == 0:  # free the space a full disk needs back; every rank's dcp.save has returned
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteError(f"writing checkpoint {tmp}: {checkpoint_failure(e)}") from None
         barrier()
         if self.rank == 0:
             state = {"step": self.step, "micro_batches": self.step * self.cfg.training.grad_accum_steps,
@@ -1115,6 +1357,15 @@ class KDTrainer:
             for step, path in list(checkpoint_dirs(out).items())[: -self.cfg.training.keep_checkpoints]:
                 shutil.rmtree(path)
         barrier()
+
+    def weights_are_finite(self):
+        """Whether every rank's shard of the student's parameters is finite."""
+        # DTensor shards, or plain tensors while FSDP2 holds the root unsharded (after an eval forward)
+        local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                    for p in self.model.parameters())
+        flag = torch.tensor(float(local), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def resume(self):
         import torch.distributed.checkpoint as dcp
@@ -1140,23 +1391,27 @@ class KDTrainer:
         state = self.state_dict_pair()
         dcp.load(state, checkpoint_id=path)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
         self.scheduler.load_state_dict(trainer["scheduler"])
         self.step = trainer["step"]
         rng_path = os.path.join(path, f"rng-rank{self.rank}.pt")
         if os.path.exists(rng_path):  # absent when resuming on more ranks than wrote the checkpoint
-            rng = torch.load(rng_path, weights_only=False)
+            rng = torch.load(rng_path, weights_only=True)
             torch.set_rng_state(rng["cpu"])
             if rng["cuda"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"])
-        if self.rank == 0:  # lines a killed run logged after this checkpoint are logged again from here
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def trim_logs(self):
+        """Drop the log lines past the starting step: a killed or failed run logged them after its last checkpoint
+        (or before its first), and they are logged again from here."""
+        if self.rank == 0:
             for name in ("metrics.jsonl", "eval.jsonl"):
-                log_path = os.path.join(t.output_dir, name)
+                log_path = os.path.join(self.cfg.training.output_dir, name)
                 if os.path.exists(log_path):
                     with open(log_path) as f:
-                        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+                        kept = [line for line in f if logged_step(line) <= self.step]
                     write_atomic(log_path, lambda p, lines=kept: _write_lines(p, lines))
-        self.log(f"resumed from {path} at step {self.step}")
 
     # -- evaluation ---------------------------------------------------------------------------------------
 
@@ -1209,11 +1464,10 @@ class KDTrainer:
     def teacher_rollout_error(self):
         """MSE of the teacher's own K-step sampling (same grid points as the student, with CFG) vs its 48-step x0."""
         import generate_cache
-        from safetensors.torch import load_file
 
         teacher = load_transformer(self.cfg.models.teacher.init_from, self.device, compute_dtype(self.device))
         teacher.eval().requires_grad_(False)
-        negative = load_file(negative_embeds_path(self.cfg.method.teacher_path_cache))["prompt_embeds"]
+        negative = read_negative_embeds(self.cfg.method.teacher_path_cache)
         negative = pad_embeds(negative, self.meta["max_sequence_length"])[None].to(self.device).float()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for index in self.eval_indices[self.rank :: self.world_size]:
@@ -1233,8 +1487,12 @@ class KDTrainer:
 
     def append_jsonl(self, name, record):
         if self.rank == 0:
-            with open(os.path.join(self.cfg.training.output_dir, name), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = os.path.join(self.cfg.training.output_dir, name)
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise WriteError(f"writing {path}: {one_line(e)}") from None
             if self.wandb is not None:
                 self.wandb.log({f"{name.removesuffix('.jsonl')}/{k}": v for k, v in record.items()}, step=record["step"])
 
@@ -1306,7 +1564,7 @@ class KDTrainer:
         window = torch.zeros(2 * K + 1, device=self.device)  # per-entry loss sums, counts, grad-norm sum
         window_steps, window_start = 0, time.perf_counter()
         while self.step < t.max_steps:
-            loss_sums, counts, grad_norm = self.train_step([next(batches) for _ in range(accum)])
+            loss_sums, counts, grad_norm = self.train_step([next_batch(batches) for _ in range(accum)])
             window += torch.cat([loss_sums, counts, grad_norm.reshape(1).to(window.dtype)])
             window_steps += 1
             bar.update(1)
@@ -1340,6 +1598,7 @@ class KDTrainer:
 
 def main(argv, trainer_cls=KDTrainer):
     cfg = config_from_argv(argv)
+    check_paths(cfg)
     rank, world_size, device = init_distributed()
     torch.manual_seed(stable_seed(cfg.training.seed, rank))
     trainer = trainer_cls(cfg, rank, world_size, device)

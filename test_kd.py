@@ -310,7 +310,8 @@ def test_cache_layout(reference_cache):
         assert tensors["timesteps"].dtype == torch.float32 and tensors["timesteps"].tolist() == meta["timesteps"]
         n_tokens = len(tokenizer(prompts[i]).input_ids)
         assert tensors["prompt_embeds"].shape == (n_tokens, kd.TINY_TEXT_DIM)
-        assert metadata == {"prompt": prompts[i], "seed": str(i), "index": str(i), "format_version": "1"}
+        assert {k: metadata[k] for k in ("prompt", "seed", "index", "format_version")} == {
+            "prompt": prompts[i], "seed": str(i), "index": str(i), "format_version": "2"}
         # t_list[0] = 999 matched grid point 1000 (sigma 1): the first state is the seeded noise itself
         noise = generate_cache.initial_noise(meta["latent_shape"], cfg.data.seed + i)[0]
         assert torch.equal(tensors["latents"][0], noise.to(torch.bfloat16))
@@ -798,3 +799,164 @@ def test_export_refuses_an_existing_output_and_bad_checkpoints_with_clear_errors
     (out / "marker").write_text("old")
     export.export(str(uninterrupted_run[0]), str(out), overwrite=True)
     assert not (out / "marker").exists() and (out / "transformer" / "config.json").exists()
+
+
+# ---- Reliability (issue 7) ----
+
+
+def latents_byte_offset(path, state, frame):
+    """File offset of element [state, 0, frame, 0, 0] of a sample file's bf16 latents (from its safetensors header)."""
+    raw = Path(path).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    entry = json.loads(raw[8 : 8 + header_len])["latents"]
+    _, channels, frames, height, width = entry["shape"]
+    return 8 + header_len + entry["data_offsets"][0] + (state * channels * frames + frame) * height * width * 2
+
+
+def flip_bit(path, offset, bit=0):
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 1 << bit
+    Path(path).write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_frame_is_refused_by_exactly_the_reads_that_use_it_and_regenerated(tmp_path,
+                                                                                              reference_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    path = kd.sample_path(cache, 2)
+    flip_bit(path, latents_byte_offset(path, state=1, frame=4), bit=3)
+    dataset = kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)
+    clean = kd.TrajectoryDataset(str(reference_cache), [0, 1, 2, 3], 512)
+    with pytest.raises(kd.CacheError, match=rf"cache file {path} is corrupt: latents\[1, :, 4\] fails its CRC32 "
+                                            r"checksum; rerun generate_cache.py"):
+        dataset[(2, (1,) * 6)]
+    with pytest.raises(kd.CacheError, match="latents"):
+        dataset[(2, (0, 0, 0, 0, 1, 0))]  # only frame 4 comes from state 1
+    for steps in ((0,) * 6, (2,) * 6, (3,) * 6, (1, 1, 1, 1, 0, 1)):  # reads that avoid the flipped slice
+        assert torch.equal(dataset[(2, steps)]["x_t"], clean[(2, steps)]["x_t"])
+    fingerprint = json.loads((cache / "metadata.json").read_text())
+    assert kd.sample_file_problem(path, fingerprint, 2) == "latents fail their CRC32 checksums"
+    assert generate_cache.generate_cache(tiny_config(cache, "data.num_samples=6")) == 1
+    assert_same_cache(cache, reference_cache)
+
+
+def test_a_flipped_bit_in_the_embeddings_or_metadata_is_refused_naming_the_file(tmp_path, reference_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    path = kd.sample_path(cache, 0)
+    flip_bit(path, Path(path).stat().st_size - 1)  # the last byte belongs to prompt_embeds (written last)
+    with pytest.raises(kd.CacheError, match=rf"{path} is corrupt: prompt_embeds fails its CRC32 checksum"):
+        kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)[(0, (0,) * 6)]
+    raw = Path(kd.sample_path(cache, 1)).read_bytes()
+    at = raw.index(b'"seed":"1"') + len(b'"seed":"')
+    flip_bit(kd.sample_path(cache, 1), at, bit=1)  # "1" -> "3": still valid JSON, only the checksum notices
+    with pytest.raises(kd.CacheError, match="its metadata fails its CRC32 checksum"):
+        kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)[(1, (0,) * 6)]
+
+
+def test_a_cache_of_the_previous_format_is_refused_with_its_version_and_files_without_checksums_too(tmp_path,
+                                                                                                     reference_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    meta = json.loads((cache / "metadata.json").read_text())
+    kd.write_json_atomic(str(cache / "metadata.json"), {**meta, "format_version": 1})
+    with pytest.raises(kd.CacheError, match="format_version: config 2, cache 1"):
+        kd.open_cache(tiny_config(cache, "data.num_samples=6"))
+    tensors, metadata = read_sample(kd.sample_path(cache, 3))
+    from safetensors.torch import save_file
+
+    save_file(tensors, kd.sample_path(cache, 3), metadata={k: v for k, v in metadata.items()
+                                                           if not k.startswith("crc32_")})
+    with pytest.raises(kd.CacheError, match="has no checksums .*rerun generate_cache.py"):
+        kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)[(3, (0,) * 6)]
+
+
+def test_a_training_run_on_a_cache_with_a_deleted_file_refuses_in_one_line_naming_it(tmp_path, reference_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    Path(kd.sample_path(cache, 4)).unlink()
+    proc = run_script("kd.py", TINY, *tiny_overrides(cache, "data.num_samples=6", f"training.output_dir={tmp_path}/r",
+                                                     "training.eval_samples=2"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: 1 cached sample file(s) are missing ({kd.sample_path(cache, 4)}); rerun generate_cache.py with the "
+        "same config to regenerate them")
+
+
+def test_a_write_past_the_file_size_limit_is_a_write_error_naming_the_file_and_leaves_nothing(tmp_path):
+    import resource
+
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(kd.WriteError, match=rf"writing {tmp_path / 'big.json'}: .*File too large"):
+            kd.write_json_atomic(str(tmp_path / "big.json"), {"x": "y" * 10000})
+        kd.write_json_atomic(str(tmp_path / "small.json"), {"x": "y"})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert os.listdir(tmp_path) == ["small.json"]  # no partial file, no temporary file
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.prompts={tmp}", "data.prompts: cannot read"),  # a directory
+    ("data.prompts={tmp}/binary.txt", "data.prompts: cannot read"),
+    ("data.prompts={tmp}/empty.txt", "data.prompts: {tmp}/empty.txt holds no prompts"),
+    ("models.teacher.init_from={tmp}/not_a_model", "models.teacher.init_from: {tmp}/not_a_model has no "
+                                                   "transformer/config.json"),
+    ("models.student.init_from=/nonexistent/student", "models.student.init_from: /nonexistent/student is not a dir"),
+    ("method.teacher_path_cache={tmp}/empty.txt", "method.teacher_path_cache: {tmp}/empty.txt exists and is not"),
+    ("training.resume={tmp}", "training.resume: {tmp} is not a complete checkpoint folder"),
+    ("pipeline.flow_shift=.nan", "pipeline.flow_shift: expected a finite number"),
+    ("training.lr=.inf", "training.lr: expected a finite number"),
+    ("method.t_list=[999, .nan, 0]", "t_list must be a non-empty list"),
+    ("method.teacher_inference_steps=1000000", "method.teacher_inference_steps must be in [1, 1000]"),
+    ("pipeline.height=0", "pipeline.height must be >= 1"),
+    ("pipeline.num_frames=22", "pipeline.num_frames - 1 must be a multiple of 4"),
+    ("data.seed=-1", "data.seed must be in [0, 2**62)"),
+    ("training.betas=[false, 0.9]", "training.betas must be two numbers"),
+    ("method.t_list=[999, 940, 0]", "method.t_list entry 940"),
+    ("method.t_list=[999, 0", "override 'method.t_list=[999, 0': the value is not valid YAML"),
+])
+def test_inputs_that_escaped_as_library_tracebacks_are_one_line_config_errors_naming_the_field(tmp_path, override,
+                                                                                              field):
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not utf-8 \x80\n")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "not_a_model" / "vae").mkdir(parents=True)
+    with pytest.raises(kd.ConfigError) as e:
+        kd.check_paths(tiny_config(tmp_path / "cache", override.format(tmp=tmp_path)))
+    assert field.format(tmp=tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nothing_unpickles_without_weights_only():
+    import re
+
+    for script in REPO.glob("*.py"):
+        source = script.read_text()
+        loads = [line for line in source.splitlines() if re.search(r"torch\.load\(", line)]
+        assert all("weights_only=True" in line for line in loads), (script.name, loads)
+        assert not re.search(r"^\s*(import|from) (pickle|dill)\b", source, re.M), script.name
+
+
+def test_the_quick_fault_campaign_loses_nothing_and_every_bad_input_is_a_clear_error():
+    import re
+
+    proc = run_script("faults.py", "--quick", check=False)
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"\| \d\. ", line)]
+    assert len(rows) == 6, proc.stdout + proc.stderr
+    for scenario, trials, survived, lost, clear in ([c.strip() for c in row] for row in rows):
+        assert int(trials) >= 1 and survived == trials and lost == "0", scenario
+        assert clear == "n/a" or clear.split("/")[0] == clear.split("/")[1], scenario
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_a_restart_without_a_checkpoint_drops_the_log_lines_of_the_run_that_failed(tmp_path, reference_cache):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (1, 2, 3, 4)]
+    (out / "metrics.jsonl").write_text("".join(stale) + '{"step": 5, "lo')  # a line cut short by a full disk
+    run_script("kd.py", TINY, *tiny_overrides(reference_cache, "data.num_samples=6", f"training.output_dir={out}",
+                                              "training.max_steps=3", "training.log_every=1",
+                                              "training.eval_samples=2", "training.num_workers=0"))
+    logged = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in logged] == [1, 2, 3] and all(m["loss"] < 1 for m in logged)
