@@ -28,6 +28,7 @@ def tiny_overrides(cache_dir, *extra):
         f"models.teacher.init_from={REPO}/tiny_models/wan-tiny-teacher",
         f"data.prompts={REPO}/prompts/example.txt",
         f"method.teacher_path_cache={cache_dir}",
+        "pipeline.max_sequence_length=512",  # Wan's; configs/tiny.yaml sets 16 for its demo models
         *extra,
     ]
 
@@ -756,3 +757,96 @@ def test_export_refuses_an_existing_output_and_bad_checkpoints_with_clear_errors
     (out / "marker").write_text("old")
     export.export(str(uninterrupted_run[0]), str(out), overwrite=True)
     assert not (out / "marker").exists() and (out / "transformer" / "config.json").exists()
+
+
+# ---- Previews and the tiny demo (issue 8) ----
+
+DEMO_TEACHER, DEMO_STUDENT = REPO / "tiny_models" / "wan-tiny-demo-teacher", REPO / "tiny_models" / "wan-tiny-demo-student"
+
+
+def read_png(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB")))  # [H, W, 3] uint8
+
+
+def test_the_codec_vae_round_trips_the_shape_world_exactly():
+    import tiny_demo
+
+    videos, _ = tiny_demo.demo_videos(per_prompt=1)
+    videos = videos[:3]  # [3, 3, F, H, W]
+    vae = tiny_demo.codec_vae()
+    latents = tiny_demo.encode(vae, videos)  # [3, 16, 6, 8, 8]
+    assert latents.shape == (3, 16, 6, 8, 8)
+    with torch.no_grad():
+        decoded = vae.decode(latents).sample
+    assert (decoded - videos).abs().max() < 1e-3
+
+
+def test_preview_strips_show_each_row_decoded_at_evenly_spaced_frames(tmp_path):
+    import tiny_demo
+
+    videos, prompts = tiny_demo.demo_videos(per_prompt=1)
+    vae, latents = tiny_demo.fitted_codec(videos[:3])  # normalised latents, as the cache holds them
+    kd.write_previews(tmp_path, vae, [(7, list(latents))], ["first", "second", "third"])
+    image = read_png(tmp_path / "sample-7.png")
+    assert image.shape == (3 * 64, kd.PREVIEW_FRAMES * 64, 3)
+    for row in range(3):
+        for column, frame in enumerate([0, 5, 10, 15, 20]):
+            tile = image[row * 64 : (row + 1) * 64, column * 64 : (column + 1) * 64]  # [H, W, 3]
+            expected = kd.to_uint8(videos[row][:, frame]).permute(1, 2, 0)
+            assert (tile.int() - expected.int()).abs().max() <= 1, (row, frame)
+    assert "first | second | third" in (tmp_path / "rows.txt").read_text()
+    assert not (tmp_path / "sample-7.mp4").exists() or kd.mp4_writer() is not None
+
+
+def test_previews_are_off_without_a_vae_or_when_disabled(tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(kd.ensure_model_dir(str(REPO / "tiny_models" / "wan-tiny-student")), student,
+                    ignore=shutil.ignore_patterns("vae"))
+    assert not kd.has_vae(str(student)) and kd.has_vae(str(REPO / "tiny_models" / "wan-tiny-student"))
+    with pytest.raises(kd.ConfigError, match=r"training\.preview_samples must be >= 0"):
+        tiny_config(tmp_path, "training.preview_samples=-1")
+    with pytest.raises(kd.ConfigError, match=r"training\.previews: expected a boolean"):
+        tiny_config(tmp_path, "training.previews=2")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """configs/tiny.yaml as the README runs it (the demo models, built on first use), shortened: 48 samples, 150 steps."""
+    out = tmp_path_factory.mktemp("demo")
+    proc = run_script("kd.py", TINY, f"models.student.init_from={DEMO_STUDENT}",
+                      f"models.teacher.init_from={DEMO_TEACHER}", f"data.prompts={REPO}/prompts/shapes.txt",
+                      f"method.teacher_path_cache={out / 'cache'}", f"training.output_dir={out / 'run'}",
+                      "data.num_samples=48", "training.max_steps=150", "training.eval_every=150",
+                      "training.checkpoint_every=150", torchrun=2)
+    return out, proc
+
+
+def test_the_committed_demo_prompts_are_every_colour_shape_and_direction_four_times(tmp_path):
+    import tiny_demo
+
+    tiny_demo.write_prompts(tmp_path / "shapes.txt")
+    assert (tmp_path / "shapes.txt").read_text() == (REPO / "prompts" / "shapes.txt").read_text()
+    lines = (REPO / "prompts" / "shapes.txt").read_text().splitlines()
+    assert len(lines) == 128 and sorted(set(lines)) == sorted(tiny_demo.demo_prompts())
+    assert len(tiny_demo.demo_prompts()) == 4 * 2 * 4
+
+
+def test_the_pretrained_demo_teacher_draws_the_prompted_colour(demo_run):
+    import tiny_demo
+
+    out, _ = demo_run
+    vae = kd.load_vae(str(DEMO_STUDENT), torch.device("cpu"))
+    hits = {"colour": 0, "direction": 0}
+    names = sorted(os.listdir(out / "cache" / "samples"))
+    for name in names:
+        tensors, meta = read_sample(out / "cache" / "samples" / name)
+        colour, direction = tiny_demo.detect(kd.decode_latents(vae, tensors["latents"][-1].float()))
+        want_colour, _, want_direction = tiny_demo.parse_prompt(meta["prompt"])
+        hits["colour"] += colour == want_colour
+        hits["direction"] += direction == want_direction
+    assert len(names) == 48
+    assert hits["colour"] / len(names) >= 0.8  # chance: 1 in 4
