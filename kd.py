@@ -1029,7 +1029,7 @@ def to_uint8(video):
 
 
 def preview_strip(rows, num_frames=PREVIEW_FRAMES):
-    """Image [H * len(rows), W * num_frames, 3] uint8: row r shows video rows[r] [3, F, H, W] at evenly spaced frames."""
+    """Image [H * len(rows), W * num_frames, 3] uint8: row r is video rows[r] [3, F, H, W] at evenly spaced frames."""
     frames = torch.linspace(0, rows[0].shape[1] - 1, num_frames).round().long().tolist()
     grid = torch.cat([torch.cat([video[:, f] for f in frames], dim=2) for video in rows], dim=1)  # [3, H*R, W*n]
     return to_uint8(grid).permute(1, 2, 0)
@@ -1059,7 +1059,8 @@ def write_previews(folder, vae, samples, labels):
     mimwrite = mp4_writer()
     for index, latents in samples:
         rows = [decode_latents(vae, x) for x in latents]  # each [3, F', H', W']
-        write_atomic(os.path.join(folder, f"sample-{index}.png"), lambda p: write_png(p, preview_strip(rows)))
+        strip = preview_strip(rows)
+        write_atomic(os.path.join(folder, f"sample-{index}.png"), lambda p, image=strip: write_png(p, image))
         if mimwrite is not None:
             video = to_uint8(torch.cat(rows, dim=2)).permute(1, 2, 3, 0).numpy()  # [F', H'*R, W', 3]
             mimwrite(os.path.join(folder, f"sample-{index}.mp4"), list(video), fps=8)
@@ -1359,7 +1360,7 @@ class KDTrainer:
 
     @torch.no_grad()
     def write_eval_previews(self):
-        """output_dir/previews/step-N/: decoded teacher 48-step | teacher K-step | student K-step of the preview samples.
+        """output_dir/previews/step-N/: decoded teacher 48-step | teacher K-step | student K-step of preview samples.
 
         Every rank runs the student's rollouts (the FSDP forward is collective); rank 0 decodes and writes.
         """

@@ -48,16 +48,16 @@ NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 21, 64, 8, 4  # configs/tiny.yaml's video;
 LATENT_FRAMES, GRID = (NUM_FRAMES - 1) // TIME_FACTOR + 1, SIZE // CELL  # 6, 8
 SHAPE_CELLS = 3
 STEP_FRAMES = 2  # the shape moves one latent cell (8 pixels) every 2 latent frames (8 video frames)
-VIDEOS_PER_PROMPT = 4  # start cells per prompt in the pre-training set (of 24 that keep the shape inside)
+VIDEOS_PER_PROMPT = 2  # start cells per prompt in the pre-training set (of 24 that keep the shape inside)
 
 TEXT_SEED = 3  # text encoder and the codec's embedding: shared by teacher and student
 DEMO_MODELS = {  # transformer sizes and pre-training of the demo models (kd.TINY_MODELS names the directories)
-    "wan-tiny-demo-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=11, steps=1000),
-    "wan-tiny-demo-student": dict(layers=2, heads=2, head_dim=12, ffn_dim=48, seed=12, steps=300),
+    "wan-tiny-demo-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=11, steps=2500),
+    "wan-tiny-demo-student": dict(copy_of="wan-tiny-demo-teacher"),
 }
 CFG_DROPOUT = 0.1  # fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
 NEGATIVE_PROMPT = ""  # configs/tiny.yaml's method.teacher_negative_prompt: what the unconditional model was taught
-BATCH_SIZE, LR = 32, 3e-3
+BATCH_SIZE, LR = 16, 3e-3
 MAX_SEQUENCE_LENGTH = 16  # configs/tiny.yaml's pipeline.max_sequence_length: the prompts are 6 tokens
 FLOW_SHIFT = 5.0
 
@@ -287,6 +287,15 @@ def log_line(text):
 
 def build(paths, log=log_line):
     """Write each demo model {name: path} (DEMO_MODELS names) as a complete Wan diffusers directory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights however it is started (torchrun's ranks run one thread each)
+    try:
+        _build(paths, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(paths, log):
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     start = time.perf_counter()
@@ -299,25 +308,33 @@ def build(paths, log=log_line):
     embeds = {"cond": torch.stack([table[p] for p in prompts]), "uncond": table[NEGATIVE_PROMPT]}
     log(f"tiny demo: {len(videos)} videos of moving shapes encoded by the codec VAE in "
         f"{time.perf_counter() - start:.0f} s")
-    for name, path in paths.items():
+    trained = {}
+
+    def transformer_of(name):
         spec = DEMO_MODELS[name]
-        torch.manual_seed(spec["seed"])
-        transformer = WanTransformer3DModel(
-            num_attention_heads=spec["heads"], attention_head_dim=spec["head_dim"], in_channels=16, out_channels=16,
-            text_dim=kd.TINY_TEXT_DIM, freq_dim=32, ffn_dim=spec["ffn_dim"], num_layers=spec["layers"],
-            rope_max_seq_len=64,
-        )
-        log(f"pre-training {name} ({sum(p.numel() for p in transformer.parameters())} parameters, "
-            f"{spec['steps']} steps)")
-        pretrain(transformer, latents, embeds, spec["steps"], spec["seed"], log)
+        if "copy_of" in spec:
+            return transformer_of(spec["copy_of"])
+        if name not in trained:
+            torch.manual_seed(spec["seed"])
+            trained[name] = WanTransformer3DModel(
+                num_attention_heads=spec["heads"], attention_head_dim=spec["head_dim"], in_channels=16,
+                out_channels=16, text_dim=kd.TINY_TEXT_DIM, freq_dim=32, ffn_dim=spec["ffn_dim"],
+                num_layers=spec["layers"], rope_max_seq_len=64,
+            )
+            log(f"pre-training {name} ({sum(p.numel() for p in trained[name].parameters())} parameters, "
+                f"{spec['steps']} steps of {BATCH_SIZE} videos)")
+            pretrain(trained[name], latents, embeds, spec["steps"], spec["seed"], log)
+        return trained[name]
+
+    for name, path in paths.items():
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                             flow_shift=FLOW_SHIFT)
         WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                    transformer=transformer).save_pretrained(path)
+                    transformer=transformer_of(name)).save_pretrained(path)
         log(f"{name} written to {path} ({time.perf_counter() - start:.0f} s since the start)")
 
 
-def write_prompts(path, repeats=4, seed=0):
+def write_prompts(path, repeats=8, seed=0):
     """The demo's prompts file: every prompt `repeats` times, each round in a seeded order (so the last lines, the
     held-out eval samples, differ in colour, shape and direction); sample i is line i, with its own noise seed."""
     g = torch.Generator().manual_seed(seed)
@@ -331,10 +348,10 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="tiny_models", help="folder for the two model directories")
     args = parser.parse_args(argv)
-    for name in DEMO_MODELS:
-        path = os.path.join(args.out, name)
-        if os.path.exists(path):
-            print(f"{path} exists; delete it to rebuild")
+    paths = [os.path.join(args.out, name) for name in DEMO_MODELS]
+    if all(os.path.exists(path) for path in paths):
+        print(f"{' and '.join(paths)} exist; delete them to rebuild")
+    for path in paths:
         kd.ensure_model_dir(path)
 
 
