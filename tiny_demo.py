@@ -6,9 +6,9 @@
 configs/tiny.yaml uses these models and kd.ensure_model_dir builds them on first use, so the README's tiny command
 needs no separate step. What it builds:
 
-- A procedural video world: one coloured shape (4 colours x 2 shapes) moving one latent cell per latent frame in one
-  of 4 directions across a dark 64x64 frame, 21 frames; the prompt names all three ("a red square moving left").
-  The coordinate across the motion is free (6 positions), so each prompt has 6 videos.
+- A procedural video world: one coloured shape (4 colours x 2 shapes, 3x3 cells of 8 pixels) on a dark 64x64 frame,
+  21 frames, moving one cell every 2 latent frames in one of 4 directions; the prompt names all three ("a red
+  square moving left"). The pre-training set draws VIDEOS_PER_PROMPT start cells per prompt.
 - A latent codec packaged as a real diffusers `AutoencoderKLWan` (what WanPipeline and the previews load): fixed
   weights that average each 8x8 pixel block over its 4 frames (the first frame alone, as Wan's causal VAE does)
   and embed its RGB, minus the background, in the 16 latent channels through a fixed orthonormal 16x3 matrix; the
@@ -16,8 +16,9 @@ needs no separate step. What it builds:
   equals v. Its `latents_mean`/`latents_std` are the encoded dataset's per-channel statistics, used as Wan's are.
 - A seeded flow-matching pre-training (Wan's parameterisation: x_t = (1-s)x0 + s*eps, target v = eps - x0,
   uniform s) of the teacher transformer on the normalised latents, with 10% of prompts replaced by the
-  empty prompt so classifier-free guidance has an unconditional model; the student gets a shorter one on the same
-  data (a real student, e.g. Wan2.1-1.3B, is a pretrained video model too).
+  empty prompt so classifier-free guidance has an unconditional model. The student starts from the teacher's
+  weights, as Self-Forcing's ODE initialisation starts its 1.3B student from the 1.3B model that made the
+  trajectories; distillation teaches it the teacher's guided 48-step result in 4 unguided steps.
 
 Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD scripts
 and export.py expect. The build is deterministic given the seed on a given machine and thread count.
@@ -51,7 +52,7 @@ STEP_FRAMES = 2  # the shape moves one latent cell (8 pixels) every 2 latent fra
 VIDEOS_PER_PROMPT = 2  # start cells per prompt in the pre-training set (of 24 that keep the shape inside)
 
 TEXT_SEED = 3  # text encoder and the codec's embedding: shared by teacher and student
-DEMO_MODELS = {  # transformer sizes and pre-training of the demo models (kd.TINY_MODELS names the directories)
+DEMO_MODELS = {  # transformer size and pre-training of each demo model, or the model whose weights it copies
     "wan-tiny-demo-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=11, steps=2500),
     "wan-tiny-demo-student": dict(copy_of="wan-tiny-demo-teacher"),
 }
