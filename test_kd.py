@@ -66,6 +66,28 @@ def run_script(*args, torchrun=0, check=True, **kwargs):
     return proc
 
 
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants: torchrun starts each rank in a session of its own, out of killpg's
+    reach, and an orphaned rank would go on writing into the run being resumed."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit():
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    todo, found = [pid], []
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # Subprocess ranks run with one thread each; the in-process reference must compute the same floats.
@@ -498,7 +520,7 @@ def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_bit_for_bi
     deadline = time.time() + 300
     while not (out / "checkpoint-25").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     assert (out / "checkpoint-25").exists() and not (out / "checkpoint-100").exists(), "kill came too late"
     (out / "checkpoint-90.tmp").mkdir()  # an interrupted save is ignored (and cleaned up)

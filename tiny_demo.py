@@ -18,7 +18,7 @@ needs no separate step. What it builds:
   uniform s) of the teacher transformer on the normalised latents, with 10% of prompts replaced by the
   empty prompt so classifier-free guidance has an unconditional model. The student starts from the teacher's
   weights, as Self-Forcing's ODE initialisation starts its 1.3B student from the 1.3B model that made the
-  trajectories; distillation teaches it the teacher's guided 48-step result in 4 unguided steps.
+  trajectories; distillation teaches it the teacher's guided 48-step result in a few unguided steps.
 
 Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD scripts
 and export.py expect. The build is deterministic given the seed on a given machine and thread count.
