@@ -108,6 +108,8 @@ DEFAULTS = {
         "resume": "auto",  # auto: from the highest complete checkpoint in output_dir | never | a checkpoint path
         "eval_every": 500,  # optimizer steps between evaluations on the held-out samples (and at the end)
         "eval_samples": 4,  # the last N cache samples are held out from training for evaluation
+        "previews": True,  # at each eval, decode held-out samples with the student dir's VAE to output_dir/previews/
+        "preview_samples": 2,  # held-out samples decoded per eval (the first of the eval samples; at most eval_samples)
         "wandb_project": Opt(str),  # log to this Weights & Biases project (wandb is imported only then)
     },
 }
@@ -281,7 +283,8 @@ def validate_config(cfg):
     for key in positive:
         if t[key] < 1:
             raise ConfigError(f"training.{key} must be >= 1, got {t[key]}")
-    for key in ("lr", "weight_decay", "eps", "warmup_steps", "max_grad_norm", "num_workers", "eval_samples"):
+    for key in ("lr", "weight_decay", "eps", "warmup_steps", "max_grad_norm", "num_workers", "eval_samples",
+                "preview_samples"):
         if t[key] < 0:
             raise ConfigError(f"training.{key} must be >= 0, got {t[key]}")
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
@@ -408,6 +411,7 @@ TINY_MODELS = {  # offline random Wan pipelines, created on first use at any pat
     "wan-tiny-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=1),
     "wan-tiny-student": dict(layers=2, heads=2, head_dim=12, ffn_dim=48, seed=2),
 }
+TINY_DEMO_MODELS = ("wan-tiny-demo-teacher", "wan-tiny-demo-student")  # pre-trained on moving shapes (tiny_demo.py)
 TINY_TEXT_DIM = 32  # d_model of the tiny UMT5 (must be shared by tiny teacher and student)
 TINY_CORPUS = (  # the tiny byte-level BPE tokenizer is trained on these words; any text still tokenizes
     "a cat walks along the beach at sunset while waves roll in slowly. a drone flies over snowy mountains "
@@ -416,7 +420,7 @@ TINY_CORPUS = (  # the tiny byte-level BPE tokenizer is trained on these words; 
 )
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer(corpus=TINY_CORPUS):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -429,26 +433,32 @@ def _tiny_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([TINY_CORPUS] * 4, trainer)
+    tok.train_from_iterator([corpus] * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
     )
 
 
-def make_tiny_wan(path, layers, heads, head_dim, ffn_dim, seed):
-    """Write a complete random Wan diffusers directory (transformer, UMT5, tokenizer, VAE, scheduler) to `path`."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+def _tiny_text_encoder(vocab_size):
+    """A random 2-layer UMT5 encoder of width TINY_TEXT_DIM (drawn from the global RNG)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    torch.manual_seed(seed)
-    tokenizer = _tiny_tokenizer()
-    text_encoder = UMT5EncoderModel(
+    return UMT5EncoderModel(
         UMT5Config(
-            vocab_size=len(tokenizer), d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
             relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
         )
     )
+
+
+def make_tiny_wan(path, layers, heads, head_dim, ffn_dim, seed):
+    """Write a complete random Wan diffusers directory (transformer, UMT5, tokenizer, VAE, scheduler) to `path`."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_tokenizer()
+    text_encoder = _tiny_text_encoder(len(tokenizer))
     transformer = WanTransformer3DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16,
         text_dim=TINY_TEXT_DIM, freq_dim=32, ffn_dim=ffn_dim, num_layers=layers, rope_max_seq_len=64,
@@ -460,24 +470,48 @@ def make_tiny_wan(path, layers, heads, head_dim, ffn_dim, seed):
     pipe.save_pretrained(path)
 
 
-def ensure_model_dir(init_from):
-    """`init_from` itself; a missing path named after a TINY_MODELS entry is created first (atomically)."""
-    spec = TINY_MODELS.get(os.path.basename(os.path.normpath(init_from)))
-    if spec is None or os.path.exists(init_from):
-        return init_from
-    tmp = f"{os.path.normpath(init_from)}.tmp{os.getpid()}"
-    if dist.is_initialized():  # transformers' save_pretrained writes nothing on ranks != 0: build outside the group
-        import subprocess
+def build_tiny(paths):
+    """Write each tiny model {name: path}: TINY_MODELS entries, or demo models (one build, shared components)."""
+    demo = {name: path for name, path in paths.items() if name in TINY_DEMO_MODELS}
+    if demo:
+        import tiny_demo
 
-        code = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import kd; " \
-               f"kd.make_tiny_wan({tmp!r}, **{spec!r})"
-        subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
-    else:
-        make_tiny_wan(tmp, **spec)
-    try:
-        os.rename(tmp, init_from)
-    except OSError:  # another process finished the same deterministic build first
-        shutil.rmtree(tmp, ignore_errors=True)
+        tiny_demo.build(demo)
+    for name, path in paths.items():
+        if name in TINY_MODELS:
+            make_tiny_wan(path, **TINY_MODELS[name])
+
+
+def ensure_model_dir(init_from):
+    """`init_from` itself; a missing path named after a tiny model is created first (atomically, by one process).
+
+    The demo models are built together (they share text encoder, VAE and the encoded data set) next to each other.
+    """
+    import fcntl
+
+    name = os.path.basename(os.path.normpath(init_from))
+    if (name not in TINY_MODELS and name not in TINY_DEMO_MODELS) or os.path.exists(init_from):
+        return init_from
+    folder = os.path.dirname(os.path.normpath(init_from)) or "."
+    group = TINY_DEMO_MODELS if name in TINY_DEMO_MODELS else (name,)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{group[0]}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ranks and concurrent runs wait for one builder (the demo takes minutes)
+        missing = [n for n in group if not os.path.exists(os.path.join(folder, n))]
+        if name in missing:
+            tmp = {n: os.path.join(folder, f"{n}.tmp{os.getpid()}") for n in missing}
+            for path in tmp.values():
+                shutil.rmtree(path, ignore_errors=True)
+            if dist.is_initialized():  # transformers' save_pretrained writes nothing on ranks != 0: build outside
+                import subprocess
+
+                code = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); " \
+                       f"import kd; kd.build_tiny({tmp!r})"
+                subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
+            else:
+                build_tiny(tmp)
+            for n, path in tmp.items():
+                os.rename(path, os.path.join(folder, n))
     return init_from
 
 
@@ -1165,6 +1199,89 @@ def kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, uniform, prompt_embe
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Previews: decoded held-out samples, teacher 48-step | teacher K-step | student K-step, side by side
+
+PREVIEW_FRAMES = 5  # columns of a preview strip: frames evenly spaced from the first to the last
+
+
+def has_vae(init_from):
+    """Whether the model directory (or hub id) has a vae/ component to decode previews with."""
+    from diffusers import AutoencoderKLWan
+
+    path = ensure_model_dir(init_from)
+    if os.path.isdir(path):
+        return os.path.exists(os.path.join(path, "vae", "config.json"))
+    try:
+        AutoencoderKLWan.load_config(path, subfolder="vae")
+    except OSError:
+        return False
+    return True
+
+
+def load_vae(init_from, device):
+    """The model directory's AutoencoderKLWan, fp32 (as WanPipeline decodes), eval mode."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):  # loading must not move the training RNG (bit-exact resumes)
+        vae = AutoencoderKLWan.from_pretrained(ensure_model_dir(init_from), subfolder="vae", torch_dtype=torch.float32)
+    return vae.to(device).eval()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """Video [3, F', H', W'] in [-1, 1] from normalised latents [C, F, H, W], un-normalised as WanPipeline does."""
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(-1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=latents.device).view(-1, 1, 1, 1)
+    video = vae.decode((latents.float() / inv_std + mean)[None], return_dict=False)[0]  # [1, 3, F', H', W']
+    return video[0].float().cpu()
+
+
+def to_uint8(video):
+    """[-1, 1] -> 0..255 uint8, same shape."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def preview_strip(rows, num_frames=PREVIEW_FRAMES):
+    """Image [H * len(rows), W * num_frames, 3] uint8: row r is video rows[r] [3, F, H, W] at evenly spaced frames."""
+    frames = torch.linspace(0, rows[0].shape[1] - 1, num_frames).round().long().tolist()
+    grid = torch.cat([torch.cat([video[:, f] for f in frames], dim=2) for video in rows], dim=1)  # [3, H*R, W*n]
+    return to_uint8(grid).permute(1, 2, 0)
+
+
+def write_png(path, image):
+    """Write an [H, W, 3] uint8 image as PNG whatever the path's suffix (Pillow comes with diffusers)."""
+    from PIL import Image
+
+    Image.fromarray(image.numpy()).save(path, format="PNG")
+
+
+def mp4_writer():
+    """imageio's writer function when imageio and its ffmpeg plugin are installed, else None."""
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (imageio writes MP4 through it)
+    except ImportError:
+        return None
+    return imageio.mimwrite
+
+
+def write_previews(folder, vae, samples, labels):
+    """For each (index, [latents [C, F, H, W] per row]) in `samples`: sample-{index}.png, a strip of len(labels) rows
+    by PREVIEW_FRAMES frames, and sample-{index}.mp4 (the rows stacked, every frame) when imageio can write MP4."""
+    os.makedirs(folder, exist_ok=True)
+    mimwrite = mp4_writer()
+    for index, latents in samples:
+        rows = [decode_latents(vae, x) for x in latents]  # each [3, F', H', W']
+        strip = preview_strip(rows)
+        write_atomic(os.path.join(folder, f"sample-{index}.png"), lambda p, image=strip: write_png(p, image))
+        if mimwrite is not None:
+            video = to_uint8(torch.cat(rows, dim=2)).permute(1, 2, 3, 0).numpy()  # [F', H'*R, W', 3]
+            mimwrite(os.path.join(folder, f"sample-{index}.mp4"), list(video), fps=8)
+    with open(os.path.join(folder, "rows.txt"), "w") as f:
+        f.write("rows, top to bottom: " + " | ".join(labels) + f"; columns: {PREVIEW_FRAMES} frames, first to last\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -1264,6 +1381,13 @@ class KDTrainer:
             write_atomic(os.path.join(t.output_dir, "config.yaml"), lambda p: _write_lines(
                 p, [yaml.safe_dump(plain(cfg), sort_keys=False, allow_unicode=True)]))
         self.references = self.load_references()
+        self.preview_indices = self.eval_indices[: t.preview_samples] if t.previews else []
+        if self.preview_indices and not has_vae(cfg.models.student.init_from):
+            self.log(f"previews off: {cfg.models.student.init_from} has no vae/ to decode them with")
+            self.preview_indices = []
+        self.teacher_k_step = {}  # {index: the teacher's own K-step x0}: this rank's eval stride, rank 0's previews
+        if cfg.models.teacher is not None and self.eval_indices:
+            self.teacher_k_step = self.teacher_rollouts(self.teacher_rollout_indices())
         if cfg.models.teacher is not None and "teacher" not in self.references and self.eval_indices:
             self.references["teacher"] = self.teacher_rollout_error()
         free_device_memory(self.device)  # no teacher or text encoder is left before the student's optimizer
@@ -1275,6 +1399,7 @@ class KDTrainer:
                                            weight_decay=t.weight_decay, eps=t.eps, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
+        self.vae = None  # loaded on rank 0 at the first preview
         self.resume()
         self.trim_logs()
         if "untrained" not in self.references and self.eval_indices:
@@ -1460,24 +1585,65 @@ class KDTrainer:
             x = add_noise(x0, eps, self.next_sigmas[k])
         return x0[0]
 
+    def teacher_rollout_indices(self):
+        """Eval samples this rank rolls the teacher out on: its stride when the reference is missing, previews on 0."""
+        mine = self.eval_indices[self.rank :: self.world_size] if "teacher" not in self.references else []
+        return sorted(set(mine) | set(self.preview_indices if self.rank == 0 else []))
+
     @torch.no_grad()
-    def teacher_rollout_error(self):
-        """MSE of the teacher's own K-step sampling (same grid points as the student, with CFG) vs its 48-step x0."""
+    def teacher_rollouts(self, indices):
+        """{index: x0 [C, F, H, W]} of the teacher's own K-step sampling (same grid points as the student, with CFG)."""
         import generate_cache
 
+        if not indices:
+            return {}
         teacher = load_transformer(self.cfg.models.teacher.init_from, self.device, compute_dtype(self.device))
         teacher.eval().requires_grad_(False)
         negative = read_negative_embeds(self.cfg.method.teacher_path_cache)
         negative = pad_embeds(negative, self.meta["max_sequence_length"])[None].to(self.device).float()
+        out = {}
+        for index in indices:
+            states, _, embeds = self.load_eval_sample(index)
+            out[index] = generate_cache.teacher_rollout(teacher, states[:1], embeds, negative,
+                                                        self.sigmas.double().cpu(),
+                                                        self.cfg.method.teacher_guidance_scale, [])[0, -1]
+        del teacher
+        return out
+
+    def teacher_rollout_error(self):
+        """MSE of the teacher's own K-step sampling vs its 48-step x0 over the eval samples (all ranks together)."""
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for index in self.eval_indices[self.rank :: self.world_size]:
-            states, x0, embeds = self.load_eval_sample(index)
-            out = generate_cache.teacher_rollout(teacher, states[:1], embeds, negative, self.sigmas.double().cpu(),
-                                                 self.cfg.method.teacher_guidance_scale, [])
-            total += (out[0, -1] - x0).pow(2).mean().double()
-        del teacher
+            x0 = self.load_eval_sample(index)[1]
+            total += (self.teacher_k_step[index] - x0).pow(2).mean().double()
         dist.all_reduce(total)
         return total.item() / len(self.eval_indices)
+
+    @torch.no_grad()
+    def write_eval_previews(self):
+        """output_dir/previews/step-N/: decoded teacher 48-step | teacher K-step | student K-step of preview samples.
+
+        Every rank runs the student's rollouts (the FSDP forward is collective); rank 0 decodes and writes.
+        """
+        self.model.eval()
+        samples = []
+        for index in self.preview_indices:
+            states, x0, embeds = self.load_eval_sample(index)
+            teacher_k = [self.teacher_k_step[index]] if index in self.teacher_k_step else []
+            samples.append((index, [x0, *teacher_k, self.student_rollout(states[:1], embeds)]))
+        self.model.train()
+        if self.rank != 0:
+            return
+        if self.vae is None:
+            self.vae = load_vae(self.cfg.models.student.init_from, self.device)
+        K = self.num_steps
+        labels = [f"teacher {self.cfg.method.teacher_inference_steps}-step x0", f"teacher {K}-step",
+                  f"student {K}-step"]
+        if not self.teacher_k_step:
+            labels.pop(1)
+        folder = os.path.join(self.cfg.training.output_dir, "previews", f"step-{self.step}")
+        write_previews(folder, self.vae, samples, labels)
+        self.log(f"previews ({' | '.join(labels)}) written to {folder}")
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -1498,6 +1664,8 @@ class KDTrainer:
 
     def run_eval(self):
         result = self.evaluate()
+        if self.preview_indices:
+            self.write_eval_previews()
         refs = self.references
         record = {"step": self.step, **result, **{f"rollout_error_{k}": v for k, v in refs.items()}}
         self.append_jsonl("eval.jsonl", record)

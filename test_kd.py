@@ -28,6 +28,8 @@ def tiny_overrides(cache_dir, *extra):
         f"models.teacher.init_from={REPO}/tiny_models/wan-tiny-teacher",
         f"data.prompts={REPO}/prompts/example.txt",
         f"method.teacher_path_cache={cache_dir}",
+        # the random tiny models' settings (configs/tiny.yaml is tuned for its demo models)
+        "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
         *extra,
     ]
 
@@ -62,6 +64,28 @@ def run_script(*args, torchrun=0, check=True, **kwargs):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants: torchrun starts each rank in a session of its own, out of killpg's
+    reach, and an orphaned rank would go on writing into the run being resumed."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit():
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    todo, found = [pid], []
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(autouse=True)
@@ -482,7 +506,7 @@ def test_a_tiny_two_rank_run_learns_and_beats_the_untrained_student(uninterrupte
     assert final["rollout_error_teacher"] > 0
     assert "eval step 100" in proc.stdout + proc.stderr and "teacher 4-step" in proc.stdout + proc.stderr
     assert sorted(os.listdir(out)) == ["checkpoint-100", "checkpoint-75", "config.yaml", "eval.jsonl",
-                                       "eval_reference.json", "metrics.jsonl"]  # keep-latest-2
+                                       "eval_reference.json", "metrics.jsonl", "previews"]  # keep-latest-2
     saved = kd.load_config(out / "config.yaml")
     assert saved.training.max_steps == 100 and saved.method.t_list == [999, 937, 833, 624, 0]
 
@@ -497,7 +521,7 @@ def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_bit_for_bi
     deadline = time.time() + 300
     while not (out / "checkpoint-25").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     assert (out / "checkpoint-25").exists() and not (out / "checkpoint-100").exists(), "kill came too late"
     (out / "checkpoint-90.tmp").mkdir()  # an interrupted save is ignored (and cleaned up)
@@ -960,3 +984,113 @@ def test_a_restart_without_a_checkpoint_drops_the_log_lines_of_the_run_that_fail
                                               "training.eval_samples=2", "training.num_workers=0"))
     logged = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in logged] == [1, 2, 3] and all(m["loss"] < 1 for m in logged)
+
+
+# ---- Previews and the tiny demo (issue 8) ----
+
+DEMO_TEACHER = REPO / "tiny_models" / "wan-tiny-demo-teacher"
+DEMO_STUDENT = REPO / "tiny_models" / "wan-tiny-demo-student"
+
+
+def read_png(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB")))  # [H, W, 3] uint8
+
+
+def test_the_codec_vae_round_trips_the_shape_world_exactly():
+    import tiny_demo
+
+    videos, _ = tiny_demo.demo_videos(per_prompt=1)
+    videos = videos[:3]  # [3, 3, F, H, W]
+    vae = tiny_demo.codec_vae()
+    latents = tiny_demo.encode(vae, videos)  # [3, 16, 6, 8, 8]
+    assert latents.shape == (3, 16, 6, 8, 8)
+    with torch.no_grad():
+        decoded = vae.decode(latents).sample
+    assert (decoded - videos).abs().max() < 1e-3
+
+
+def test_preview_strips_show_each_row_decoded_at_evenly_spaced_frames(tmp_path):
+    import tiny_demo
+
+    videos, prompts = tiny_demo.demo_videos(per_prompt=1)
+    vae, latents = tiny_demo.fitted_codec(videos[:3])  # normalised latents, as the cache holds them
+    kd.write_previews(tmp_path, vae, [(7, list(latents))], ["first", "second", "third"])
+    image = read_png(tmp_path / "sample-7.png")
+    assert image.shape == (3 * 64, kd.PREVIEW_FRAMES * 64, 3)
+    for row in range(3):
+        for column, frame in enumerate([0, 5, 10, 15, 20]):
+            tile = image[row * 64 : (row + 1) * 64, column * 64 : (column + 1) * 64]  # [H, W, 3]
+            expected = kd.to_uint8(videos[row][:, frame]).permute(1, 2, 0)
+            assert (tile.int() - expected.int()).abs().max() <= 1, (row, frame)
+    assert "first | second | third" in (tmp_path / "rows.txt").read_text()
+    assert not (tmp_path / "sample-7.mp4").exists() or kd.mp4_writer() is not None
+
+
+def test_a_model_dir_without_a_vae_has_none_and_bad_preview_options_are_errors_naming_the_field(tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(kd.ensure_model_dir(str(REPO / "tiny_models" / "wan-tiny-student")), student,
+                    ignore=shutil.ignore_patterns("vae"))
+    assert not kd.has_vae(str(student)) and kd.has_vae(str(REPO / "tiny_models" / "wan-tiny-student"))
+    with pytest.raises(kd.ConfigError, match=r"training\.preview_samples must be >= 0"):
+        tiny_config(tmp_path, "training.preview_samples=-1")
+    with pytest.raises(kd.ConfigError, match=r"training\.previews: expected a boolean"):
+        tiny_config(tmp_path, "training.previews=2")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """configs/tiny.yaml as the README runs it (the demo models, built on first use), shortened to 128 samples and
+    200 steps."""
+    out = tmp_path_factory.mktemp("demo")
+    proc = run_script("kd.py", TINY, f"models.student.init_from={DEMO_STUDENT}",
+                      f"models.teacher.init_from={DEMO_TEACHER}", f"data.prompts={REPO}/prompts/shapes.txt",
+                      f"method.teacher_path_cache={out / 'cache'}", f"training.output_dir={out / 'run'}",
+                      "data.num_samples=128", "training.eval_samples=4", "training.max_steps=200",
+                      "training.eval_every=200", "training.checkpoint_every=200", torchrun=2)
+    return out, proc
+
+
+def test_the_committed_demo_prompts_are_every_colour_shape_and_direction_eight_times(tmp_path):
+    import tiny_demo
+
+    tiny_demo.write_prompts(tmp_path / "shapes.txt")
+    assert (tmp_path / "shapes.txt").read_text() == (REPO / "prompts" / "shapes.txt").read_text()
+    lines = (REPO / "prompts" / "shapes.txt").read_text().splitlines()
+    assert len(lines) == 256 and sorted(set(lines)) == sorted(tiny_demo.demo_prompts())
+    assert len(tiny_demo.demo_prompts()) == 4 * 2 * 4
+
+
+def test_the_pretrained_demo_teacher_draws_the_prompted_colour(demo_run):
+    import tiny_demo
+
+    out, _ = demo_run
+    vae = kd.load_vae(str(DEMO_STUDENT), torch.device("cpu"))
+    hits = 0
+    names = sorted(os.listdir(out / "cache" / "samples"))
+    for name in names:  # the cache holds the teacher's 48-step x0 (CFG 3) of each prompt
+        tensors, meta = read_sample(out / "cache" / "samples" / name)
+        colour, _ = tiny_demo.detect(kd.decode_latents(vae, tensors["latents"][-1].float()))
+        hits += colour == tiny_demo.parse_prompt(meta["prompt"])[0]
+    assert len(names) == 128
+    assert hits / len(names) >= 0.8  # chance: 1 in 4
+
+
+def test_the_demo_run_writes_previews_of_teacher_and_student_rows(demo_run):
+    out, proc = demo_run
+    folder = out / "run" / "previews" / "step-200"
+    assert sorted(os.listdir(folder)) == ["rows.txt", "sample-124.png", "sample-125.png"]  # the first 2 held out
+    assert read_png(folder / "sample-124.png").shape == (3 * 64, kd.PREVIEW_FRAMES * 64, 3)
+    assert "teacher 48-step x0 | teacher 2-step | student 2-step" in (folder / "rows.txt").read_text()
+    log = proc.stdout + proc.stderr
+    assert f"previews (teacher 48-step x0 | teacher 2-step | student 2-step) written to {folder}" in log
+
+
+def test_the_distilled_demo_student_is_closer_to_the_teachers_48_steps_than_the_teachers_own_2_steps(demo_run):
+    out, _ = demo_run
+    final = read_jsonl(out / "run" / "eval.jsonl")[-1]  # MSE against the teacher's 48-step x0, held-out samples
+    assert final["rollout_error"] < final["rollout_error_teacher"]
+    assert final["rollout_error"] < final["rollout_error_untrained"]

@@ -1,0 +1,360 @@
+"""The tiny demo: a tiny Wan teacher that has learned something worth distilling, on CPU in a few minutes.
+
+    python tiny_demo.py                         # builds tiny_models/wan-tiny-demo-teacher and -student
+    python tiny_demo.py --out DIR               # elsewhere
+
+configs/tiny.yaml uses these models and kd.ensure_model_dir builds them on first use, so the README's tiny command
+needs no separate step. What it builds:
+
+- A procedural video world: one coloured shape (4 colours x 2 shapes, 3x3 cells of 8 pixels) on a dark 64x64 frame,
+  21 frames, moving one cell every 2 latent frames in one of 4 directions; the prompt names all three ("a red
+  square moving left"). The pre-training set draws VIDEOS_PER_PROMPT start cells per prompt.
+- A latent codec packaged as a real diffusers `AutoencoderKLWan` (what WanPipeline and the previews load): fixed
+  weights that average each 8x8 pixel block over its 4 frames (the first frame alone, as Wan's causal VAE does)
+  and embed its RGB, minus the background, in the 16 latent channels through a fixed orthonormal 16x3 matrix; the
+  decoder maps back and repeats each cell over its pixels and frames. On this world it is exact: decode(encode(v))
+  equals v. Its `latents_mean`/`latents_std` are the encoded dataset's per-channel statistics, used as Wan's are.
+- A seeded flow-matching pre-training (Wan's parameterisation: x_t = (1-s)x0 + s*eps, target v = eps - x0,
+  uniform s) of the teacher transformer on the normalised latents, with 10% of prompts replaced by the
+  empty prompt so classifier-free guidance has an unconditional model. The student starts from the teacher's
+  weights, as Self-Forcing's ODE initialisation starts its 1.3B student from the 1.3B model that made the
+  trajectories; distillation teaches it the teacher's guided 48-step result in a few unguided steps.
+
+Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD scripts
+and export.py expect. The build is deterministic given the seed on a given machine and thread count.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import kd
+
+COLOURS = {  # RGB in the VAE's pixel range [-1, 1]
+    "red": (0.9, -0.8, -0.8),
+    "green": (-0.8, 0.8, -0.8),
+    "blue": (-0.8, -0.5, 0.9),
+    "yellow": (0.9, 0.8, -0.8),
+}
+SHAPES = {  # 3x3 latent cells
+    "square": ((1, 1, 1), (1, 1, 1), (1, 1, 1)),
+    "cross": ((0, 1, 0), (1, 1, 1), (0, 1, 0)),
+}
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (row, column) per latent frame
+BACKGROUND = -0.8  # dark grey, every channel
+NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 21, 64, 8, 4  # configs/tiny.yaml's video; the Wan VAE's 8x spatial, 4x time
+LATENT_FRAMES, GRID = (NUM_FRAMES - 1) // TIME_FACTOR + 1, SIZE // CELL  # 6, 8
+SHAPE_CELLS = 3
+STEP_FRAMES = 2  # the shape moves one latent cell (8 pixels) every 2 latent frames (8 video frames)
+VIDEOS_PER_PROMPT = 2  # start cells per prompt in the pre-training set (of 24 that keep the shape inside)
+
+TEXT_SEED = 3  # text encoder and the codec's embedding: shared by teacher and student
+DEMO_MODELS = {  # transformer size and pre-training of each demo model, or the model whose weights it copies
+    "wan-tiny-demo-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=11, steps=2500),
+    "wan-tiny-demo-student": dict(copy_of="wan-tiny-demo-teacher"),
+}
+CFG_DROPOUT = 0.1  # fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
+NEGATIVE_PROMPT = ""  # configs/tiny.yaml's method.teacher_negative_prompt: what the unconditional model was taught
+BATCH_SIZE, LR = 16, 3e-3
+MAX_SEQUENCE_LENGTH = 16  # configs/tiny.yaml's pipeline.max_sequence_length: the prompts are 6 tokens
+FLOW_SHIFT = 5.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The world
+
+
+def demo_prompts():
+    """Every (colour, shape, direction) prompt, in a fixed order: 'a red square moving left', ..."""
+    return [f"a {c} {s} moving {d}" for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+
+
+def parse_prompt(prompt):
+    """(colour, shape, direction) named by a demo prompt."""
+    _, colour, shape, _, direction = prompt.split()
+    return colour, shape, direction
+
+
+def shape_cells(direction, start):
+    """Top-left latent cell (row, column) of the shape in each latent frame: one cell further every STEP_FRAMES."""
+    dr, dc = DIRECTIONS[direction]
+    return [(start[0] + dr * (k // STEP_FRAMES), start[1] + dc * (k // STEP_FRAMES)) for k in range(LATENT_FRAMES)]
+
+
+def start_cells(direction):
+    """Every top-left start cell from which the shape stays inside the frame while it moves."""
+    dr, dc = DIRECTIONS[direction]
+    travel = (LATENT_FRAMES - 1) // STEP_FRAMES
+    last = GRID - SHAPE_CELLS
+    rows = range(max(0, -dr * travel), last + 1 - max(0, dr * travel))
+    cols = range(max(0, -dc * travel), last + 1 - max(0, dc * travel))
+    return [(r, c) for r in rows for c in cols]
+
+
+def shape_video(prompt, start):
+    """[3, F, H, W] in [-1, 1]: the prompt's shape moving from latent cell `start` (row, column).
+
+    Pixel frame 0 is latent frame 0, frames 4k-3..4k are latent frame k (Wan's causal time compression).
+    """
+    colour, shape, direction = parse_prompt(prompt)
+    cells = torch.zeros(LATENT_FRAMES, GRID, GRID)
+    mask = torch.tensor(SHAPES[shape], dtype=torch.float32)
+    for k, (r, c) in enumerate(shape_cells(direction, start)):
+        cells[k, r : r + SHAPE_CELLS, c : c + SHAPE_CELLS] = mask
+    frames = torch.cat([cells[:1], cells[1:].repeat_interleave(TIME_FACTOR, 0)])  # [F, GRID, GRID]
+    pixels = frames.repeat_interleave(CELL, 1).repeat_interleave(CELL, 2)  # [F, H, W]
+    rgb = torch.tensor(COLOURS[colour])[:, None, None, None]
+    return BACKGROUND + pixels[None] * (rgb - BACKGROUND)
+
+
+def demo_videos(per_prompt=VIDEOS_PER_PROMPT, seed=0):
+    """(videos [N, 3, F, H, W], prompts [N]): each prompt from `per_prompt` start cells drawn without replacement."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for prompt in demo_prompts():
+        starts = start_cells(parse_prompt(prompt)[2])
+        pairs += [(prompt, starts[i]) for i in torch.randperm(len(starts), generator=g)[:per_prompt].tolist()]
+    return torch.stack([shape_video(p, s) for p, s in pairs]), [p for p, _ in pairs]
+
+
+def detect(video):
+    """(colour, direction) seen in a decoded video [3, F, H, W] in [-1, 1], or (None, None) when no shape shows.
+
+    The colour is the palette entry nearest the mean of the pixels that differ from the background; the direction
+    is the sign of the largest displacement of their centroid between the first and last frames.
+    """
+    foreground = (video - BACKGROUND).abs().amax(0) > 0.4  # [F, H, W]
+    first, last = foreground[0], foreground[-1]
+    if foreground.sum() < CELL * CELL or not first.any() or not last.any():
+        return None, None
+    mean = video.permute(1, 2, 3, 0)[foreground].mean(0)  # [3]
+    colour = min(COLOURS, key=lambda c: float((torch.tensor(COLOURS[c]) - mean).pow(2).sum()))
+    rows, cols = torch.arange(SIZE, dtype=torch.float32)[:, None], torch.arange(SIZE, dtype=torch.float32)[None]
+
+    def centroid(mask):
+        return (rows * mask).sum() / mask.sum(), (cols * mask).sum() / mask.sum()
+
+    (r0, c0), (r1, c1) = centroid(first.float()), centroid(last.float())
+    dr, dc = float(r1 - r0), float(c1 - c0)
+    direction = ("down" if dr > 0 else "up") if abs(dr) > abs(dc) else ("right" if dc > 0 else "left")
+    return colour, direction
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The codec: fixed weights of a small AutoencoderKLWan
+
+_OFFSET = 16.0  # added before the output SiLU, where SiLU(x + 16) = x + 16 to 1e-5 over the signal's range
+_CONSTANT = 1e4  # a constant channel before each output RMS norm, so it divides by this to 1e-5 relative
+
+
+def latent_embedding():
+    """[16, 3]: orthonormal columns, the fixed map from a cell's RGB (minus background) to its latent channels."""
+    g = torch.Generator().manual_seed(TEXT_SEED)
+    q, _ = torch.linalg.qr(torch.randn(16, 3, generator=g, dtype=torch.float64))
+    return q.float()
+
+
+def codec_vae(latents_mean=None, latents_std=None):
+    """AutoencoderKLWan whose encoder averages 8x8x4 blocks into E @ (rgb - background) and whose decoder inverts it.
+
+    Every residual and attention branch is zero (identity blocks); the only nonlinear step, RMS norm + SiLU before
+    each conv_out, is made linear by a large constant channel and an offset (see _CONSTANT, _OFFSET).
+    """
+    from diffusers import AutoencoderKLWan
+
+    extra = {} if latents_mean is None else dict(latents_mean=latents_mean, latents_std=latents_std)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, **extra)
+    embed = latent_embedding()  # [16, 3]
+    rgb = range(3)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        enc, dec = vae.encoder, vae.decoder
+        for c in rgb:  # causal 3x3x3 convs: the current frame is time tap 2, the centre pixel is (1, 1)
+            enc.conv_in.weight[c, c, 2, 1, 1] = 1
+        enc.conv_in.bias[:3] = -BACKGROUND
+        for layer in enc.down_blocks:
+            if hasattr(layer, "resample") and not isinstance(layer.resample, torch.nn.Identity):
+                for c in rgb:  # zero-pad right/bottom, 3x3 stride 2: taps (0..1, 0..1) are one 2x2 block
+                    layer.resample[1].weight[c, c, :2, :2] = 0.25
+                    if hasattr(layer, "time_conv"):  # (previous, a, b) with stride 2: the mean of a and b
+                        layer.time_conv.weight[c, c, 1:, 0, 0] = 0.5
+        _linear_head(enc.mid_block.resnets[-1], enc.norm_out)
+        for c in rgb:
+            enc.conv_out.weight[:16, c, 2, 1, 1] = embed[:, c]
+        enc.conv_out.bias[:16] = -_OFFSET * embed.sum(1)
+        enc.conv_out.bias[16:] = -30.0  # log-variance at its clamp: the posterior is its mean
+        for c in range(32):
+            vae.quant_conv.weight[c, c, 0, 0, 0] = 1
+        for c in range(16):
+            vae.post_quant_conv.weight[c, c, 0, 0, 0] = 1
+        dec.conv_in.weight[:3, :, 2, 1, 1] = embed.T
+        for block in dec.up_blocks:
+            for resnet in block.resnets:
+                if isinstance(resnet.conv_shortcut, torch.nn.Conv3d):
+                    for c in rgb:
+                        resnet.conv_shortcut.weight[c, c, 0, 0, 0] = 1
+            for up in block.upsamplers or []:
+                for c in rgb:  # nearest-neighbour 2x, then the centre tap; time: both frames copy the current one
+                    up.resample[1].weight[c, c, 1, 1] = 1
+                    if hasattr(up, "time_conv"):
+                        up.time_conv.weight[c, c, 2, 0, 0] = 1
+                        up.time_conv.weight[up.dim + c, c, 2, 0, 0] = 1
+        _linear_head(dec.up_blocks[-1].resnets[-1], dec.norm_out)
+        for c in rgb:
+            dec.conv_out.weight[c, c, 2, 1, 1] = 1
+        dec.conv_out.bias[:] = BACKGROUND - _OFFSET
+    return vae
+
+
+def _linear_head(last_resnet, norm_out):
+    """Bias the last residual block so norm_out + SiLU pass channels 0-2 through plus _OFFSET (undone by conv_out)."""
+    dim = norm_out.gamma.shape[0]
+    last_resnet.conv2.bias[:3] = _OFFSET
+    last_resnet.conv2.bias[dim - 1] = _CONSTANT
+    norm_out.gamma[:3] = _CONSTANT / dim**0.5  # RMS norm divides by |x| / sqrt(dim) = _CONSTANT / sqrt(dim)
+
+
+@torch.no_grad()
+def encode(vae, videos):
+    """Latents [N, 16, 6, 8, 8] of videos [N, 3, F, H, W] (the posterior mean), before Wan's normalisation."""
+    return torch.cat([vae.encode(batch).latent_dist.mode() for batch in videos.split(32)])
+
+
+def latent_stats(vae):
+    """(latents_mean, 1 / latents_std), each [1, 16, 1, 1, 1], as WanPipeline reads them."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    return mean, 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+
+
+def fitted_codec(videos):
+    """(codec_vae with latents_mean/std fitted to the encoded `videos`, their normalised latents [N, 16, 6, 8, 8])."""
+    latents = encode(codec_vae(), videos)
+    mean = [round(float(m), 6) for m in latents.mean(dim=(0, 2, 3, 4))]
+    std = [round(float(s), 6) for s in latents.std(dim=(0, 2, 3, 4))]
+    vae = codec_vae(mean, std)
+    mean_, inv_std = latent_stats(vae)
+    return vae, (latents - mean_) * inv_std
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pre-training
+
+
+def prompt_embeddings(encoder, tokenizer, prompts):
+    """{prompt: [MAX_SEQUENCE_LENGTH, D]} as the KD scripts condition the teacher (real tokens, then zero rows)."""
+    import generate_cache
+
+    n = MAX_SEQUENCE_LENGTH
+    return {p: kd.pad_embeds(generate_cache.encode_prompt(encoder, tokenizer, p, n, torch.device("cpu")), n)
+            for p in prompts}
+
+
+def pretrain(transformer, latents, embeds, steps, seed, log=None):
+    """Flow-matching pre-training on (latents [N, C, F, H, W], per-sample prompt embeddings [N, L, D])."""
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=LR, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) *
+                                                 0.5 * (1 + torch.cos(torch.tensor(s / steps * torch.pi)).item()))
+    empty = embeds["uncond"]
+    transformer.train()
+    for step in range(steps):
+        idx = torch.randint(len(latents), (BATCH_SIZE,), generator=g)
+        x0 = latents[idx]  # [B, C, F, H, W]
+        context = embeds["cond"][idx].clone()  # [B, L, D]
+        drop = torch.rand(BATCH_SIZE, generator=g) < CFG_DROPOUT
+        context[drop] = empty
+        sigma = torch.rand(BATCH_SIZE, generator=g)  # uniform: the low noise levels that draw the shape get their share
+        eps = torch.randn(x0.shape, generator=g)
+        x_t = kd.add_noise(x0, eps, sigma.view(-1, 1, 1, 1, 1))
+        v = transformer(x_t, sigma * kd.NUM_TRAIN_TIMESTEPS, context, return_dict=False)[0]
+        loss = (v - (eps - x0)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if log is not None and (step + 1) % 100 == 0:
+            log(f"  step {step + 1}/{steps}: flow-matching loss {loss.item():.4f}")
+    return transformer.eval()
+
+
+def log_line(text):
+    print(text, file=sys.stderr, flush=True)  # stderr: shown when kd.ensure_model_dir builds in a subprocess
+
+
+def build(paths, log=log_line):
+    """Write each demo model {name: path} (DEMO_MODELS names) as a complete Wan diffusers directory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights however it is started (torchrun's ranks run one thread each)
+    try:
+        _build(paths, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(paths, log):
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    start = time.perf_counter()
+    torch.manual_seed(TEXT_SEED)
+    tokenizer = kd._tiny_tokenizer(" ".join(demo_prompts()))  # one token per word of the demo's prompts
+    text_encoder = kd._tiny_text_encoder(len(tokenizer)).eval()
+    videos, prompts = demo_videos()
+    vae, latents = fitted_codec(videos)
+    table = prompt_embeddings(text_encoder, tokenizer, demo_prompts() + [NEGATIVE_PROMPT])
+    embeds = {"cond": torch.stack([table[p] for p in prompts]), "uncond": table[NEGATIVE_PROMPT]}
+    log(f"tiny demo: {len(videos)} videos of moving shapes encoded by the codec VAE in "
+        f"{time.perf_counter() - start:.0f} s")
+    trained = {}
+
+    def transformer_of(name):
+        spec = DEMO_MODELS[name]
+        if "copy_of" in spec:
+            return transformer_of(spec["copy_of"])
+        if name not in trained:
+            torch.manual_seed(spec["seed"])
+            trained[name] = WanTransformer3DModel(
+                num_attention_heads=spec["heads"], attention_head_dim=spec["head_dim"], in_channels=16,
+                out_channels=16, text_dim=kd.TINY_TEXT_DIM, freq_dim=32, ffn_dim=spec["ffn_dim"],
+                num_layers=spec["layers"], rope_max_seq_len=64,
+            )
+            log(f"pre-training {name} ({sum(p.numel() for p in trained[name].parameters())} parameters, "
+                f"{spec['steps']} steps of {BATCH_SIZE} videos)")
+            pretrain(trained[name], latents, embeds, spec["steps"], spec["seed"], log)
+        return trained[name]
+
+    for name, path in paths.items():
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            flow_shift=FLOW_SHIFT)
+        WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                    transformer=transformer_of(name)).save_pretrained(path)
+        log(f"{name} written to {path} ({time.perf_counter() - start:.0f} s since the start)")
+
+
+def write_prompts(path, repeats=8, seed=0):
+    """The demo's prompts file: every prompt `repeats` times, each round in a seeded order (so the last lines, the
+    held-out eval samples, differ in colour, shape and direction); sample i is line i, with its own noise seed."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = demo_prompts()
+    with open(path, "w") as f:
+        for _ in range(repeats):
+            f.writelines(prompts[i] + "\n" for i in torch.randperm(len(prompts), generator=g).tolist())
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="tiny_models", help="folder for the two model directories")
+    args = parser.parse_args(argv)
+    paths = [os.path.join(args.out, name) for name in DEMO_MODELS]
+    if all(os.path.exists(path) for path in paths):
+        print(f"{' and '.join(paths)} exist; delete them to rebuild")
+    for path in paths:
+        kd.ensure_model_dir(path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
