@@ -1,13 +1,13 @@
 """Measurements that print ratios side by side, on this machine's CPU (for a GPU, see bench_gpu.py).
 
-    python bench.py           # the ratios table: generation, scaling, training, cache size, CFG (~3 min, 2 cores)
+    python bench.py           # the ratios table: generation, scaling, training, cache size, CFG (~2 min, 2 cores)
     python bench.py memory    # peak memory of one causal training step: per-frame vs per-token timesteps
 
 Every ratio is measured in this run, numerator and denominator under the same conditions: one compute thread
 per process, a "small" random Wan teacher and student (2 layers, width 256, 384 tokens; a forward takes tens of
 milliseconds, so compute dominates) built offline under tiny_models/, and the real scripts run as subprocesses.
-Fixed start-up costs (imports, model loading) are separated from per-sample costs by running each generation
-twice with different sample counts: marginal seconds per sample = (T(n2) - T(n1)) / (n2 - n1).
+Generation's per-sample cost is the time between consecutive sample files of one rank (steady state: imports,
+model loading and prompt encoding happen before the first file).
 """
 
 import json
@@ -29,7 +29,10 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 SMALL_MODEL = dict(layers=2, heads=4, head_dim=64, ffn_dim=1024, seed=3)  # teacher and student of the ratios
 SMALL_DIR = os.path.join(REPO, "tiny_models", "wan-bench-small")
 SMALL_PIPELINE = ["pipeline.num_frames=21", "pipeline.height=128", "pipeline.width=128"]  # latents [16, 6, 16, 16]
-GEN_SAMPLES = (2, 6)  # n1, n2 of the marginal per-sample time (even: both ranks get equal shares)
+SMALL_METHOD = ["method.t_list=[999, 937, 833, 624, 0]", "pipeline.max_sequence_length=512", "training.previews=false",
+                "method.teacher_negative_prompt=''"]  # Wan's 4 steps and 512 text tokens, whatever tiny.yaml says
+GEN_SAMPLES = 6  # samples per generation run (even: both ranks get equal shares)
+GEN_ROUNDS = 2  # generation runs per rank count
 TIMED_STEPS = 12  # timed training steps per variant, after warm-up
 REAL_LATENTS = (16, 21, 60, 104)  # Wan 480x832, 81 frames
 REAL_TEXT = (512, 4096)  # UMT5-XXL: tokens the teacher sees, width
@@ -43,7 +46,7 @@ TARGETS = {"generation overhead": ("<=", 1.10), "generation scaling, 2 ranks / 1
 def small_config_overrides(cache_dir, num_samples, *extra):
     return [f"models.student.init_from={SMALL_DIR}", f"models.teacher.init_from={SMALL_DIR}",
             f"data.prompts={REPO}/prompts/example.txt", f"method.teacher_path_cache={cache_dir}",
-            f"data.num_samples={num_samples}", *SMALL_PIPELINE, *extra]
+            f"data.num_samples={num_samples}", *SMALL_PIPELINE, *SMALL_METHOD, *extra]
 
 
 def ensure_small_model():
@@ -57,24 +60,33 @@ def one_thread_env():
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def generation_seconds(cache_dir, num_samples, ranks):
-    """Wall seconds of one complete generate_cache.py run, from process start to exit."""
+def generation_run(cache_dir, num_samples, ranks):
+    """(wall seconds of one complete generate_cache.py run, each sample file's write time in seconds, by index)."""
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
                                    if ranks > 1 else [])
     cmd = launcher + [os.path.join(REPO, "generate_cache.py"), os.path.join(REPO, "configs", "tiny.yaml"),
                       *small_config_overrides(cache_dir, num_samples)]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=one_thread_env(), cwd=REPO, capture_output=True)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return wall, [os.stat(kd.sample_path(cache_dir, i)).st_mtime_ns / 1e9 for i in range(num_samples)]
 
 
-def marginal_seconds_per_sample(workdir, ranks):
-    """(seconds per extra sample, fixed seconds) of generation on `ranks` ranks."""
-    n1, n2 = GEN_SAMPLES
-    t1 = generation_seconds(os.path.join(workdir, f"r{ranks}-n{n1}"), n1, ranks)
-    t2 = generation_seconds(os.path.join(workdir, f"r{ranks}-n{n2}"), n2, ranks)
-    per_sample = (t2 - t1) / (n2 - n1)
-    return per_sample, t1 - n1 * per_sample
+def seconds_per_sample(workdir):
+    """{ranks: (steady-state seconds per sample per rank, start-up seconds)} for 1 and 2 ranks.
+
+    Rank r writes samples r, r + ranks, ... one after the other, so the time between two of its consecutive files
+    is everything one sample costs it (rollout, write, progress bar); start-up is the rest of the wall time. The
+    runs alternate 1, 2, 1, 2 ranks so that a slow spell of the machine does not land on one side only.
+    """
+    gaps, startup = {1: [], 2: []}, {1: [], 2: []}
+    for run in range(GEN_ROUNDS):
+        for ranks in (1, 2):
+            wall, written = generation_run(os.path.join(workdir, f"r{ranks}-{run}"), GEN_SAMPLES, ranks)
+            mine = [b - a for r in range(ranks) for a, b in zip(written[r::ranks], written[r + ranks :: ranks])]
+            gaps[ranks] += mine
+            startup[ranks].append(wall - GEN_SAMPLES / ranks * statistics.median(mine))
+    return {ranks: (statistics.median(gaps[ranks]), statistics.median(startup[ranks])) for ranks in (1, 2)}
 
 
 def forward_times():
@@ -109,7 +121,7 @@ def training_times(cache_dir, output_dir):
     """
     torch.set_num_threads(1)
     cfg = kd.load_config(os.path.join(REPO, "configs", "tiny.yaml"), small_config_overrides(
-        cache_dir, GEN_SAMPLES[1], "models.teacher=null", "training.eval_samples=0", "training.num_workers=1",
+        cache_dir, GEN_SAMPLES, "models.teacher=null", "training.eval_samples=0", "training.num_workers=1",
         f"training.output_dir={output_dir}"))
     rank, world, device = kd.init_distributed()
     trainer = kd.KDTrainer(cfg, rank, world, device)
@@ -191,14 +203,13 @@ def ratios_table():
     workdir = tempfile.mkdtemp(prefix="kd-bench-")
     forward = subprocess_json("forward-times")
     teacher_forwards = kd.load_config(os.path.join(REPO, "configs", "tiny.yaml")).method.teacher_inference_steps
-    one, fixed_one = marginal_seconds_per_sample(workdir, 1)
-    two, fixed_two = marginal_seconds_per_sample(workdir, 2)
-    train = subprocess_json("training-times", os.path.join(workdir, f"r1-n{GEN_SAMPLES[1]}"), os.path.join(workdir, "run"))
+    (one, fixed_one), (two, fixed_two) = seconds_per_sample(workdir).values()
+    train = subprocess_json("training-times", os.path.join(workdir, "r1-0"), os.path.join(workdir, "run"))
     rows = {
         "generation overhead": one / (teacher_forwards * forward["batched"]),
-        "generation scaling, 2 ranks / 1": one / two,
+        "generation scaling, 2 ranks / 1": 2 * one / two,
         "training overhead": train["kd"] / train["bare"],
-        **cache_ratios(os.path.join(workdir, f"r1-n{GEN_SAMPLES[1]}")),
+        **cache_ratios(os.path.join(workdir, "r1-0")),
         "CFG: one batched forward / two separate": forward["batched"] / forward["separate"],
     }
     print(f"bench.py ratios: {os.cpu_count()} CPU cores, torch {torch.__version__}, one compute thread per process; "
@@ -213,7 +224,7 @@ def ratios_table():
         mark = "" if op is None else f"{op} {target:<5} {'met' if met else 'MISSED'}"
         print(f"  {name:<56} {value:7.3f}  {mark}")
     print(f"  from: bare forward {forward['batched'] * 1e3:.1f} ms at batch 2 ({forward['separate'] * 1e3:.1f} ms as "
-          f"two of batch 1); generation {one:.2f} s per sample on 1 rank, {two:.2f} s on 2 ranks (fixed start-up "
+          f"two of batch 1); generation {one:.2f} s per sample on 1 rank, {two:.2f} s per sample per rank on 2 (start-up "
           f"{fixed_one:.1f} s / {fixed_two:.1f} s); KD step {train['kd'] * 1e3:.0f} ms, bare step "
           f"{train['bare'] * 1e3:.0f} ms")
     return failed

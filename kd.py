@@ -312,7 +312,7 @@ def check_paths(cfg):
         section = cfg.models[role]
         path = section.init_from if section is not None else None
         if path is None or (not os.path.exists(path) and (HUB_ID_RE.fullmatch(path) or
-                                                           os.path.basename(os.path.normpath(path)) in TINY_MODELS)):
+                                                           os.path.basename(os.path.normpath(path)) in (*TINY_MODELS, *TINY_DEMO_MODELS))):
             continue
         if not os.path.isdir(path):
             raise ConfigError(f"models.{role}.init_from: {path} is not a directory (expected a diffusers Wan "
