@@ -26,11 +26,10 @@ import kd
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # ---- ratios -----------------------------------------------------------------------------------------------
-SMALL_MODEL = dict(layers=2, heads=4, head_dim=64, ffn_dim=1024, seed=3)  # teacher and student of the ratios
-SMALL_DIR = os.path.join(REPO, "tiny_models", "wan-bench-small")
+SMALL_DIR = os.path.join(REPO, "tiny_models", "wan-bench-small")  # teacher and student (kd.TINY_MODELS)
 SMALL_PIPELINE = ["pipeline.num_frames=21", "pipeline.height=128", "pipeline.width=128"]  # latents [16, 6, 16, 16]
-SMALL_METHOD = ["method.t_list=[999, 937, 833, 624, 0]", "pipeline.max_sequence_length=512", "training.previews=false",
-                "method.teacher_negative_prompt=''"]  # Wan's 4 steps and 512 text tokens, whatever tiny.yaml says
+SMALL_METHOD = [*kd.RANDOM_TINY_SETTINGS, "training.previews=false",  # Wan's 4 steps, 512 text tokens
+                "method.teacher_negative_prompt=''"]
 GEN_SAMPLES = 6  # samples per generation run (even: both ranks get equal shares)
 GEN_ROUNDS = 2  # generation runs per rank count
 TIMED_STEPS = 12  # timed training steps per variant, after warm-up
@@ -47,13 +46,6 @@ def small_config_overrides(cache_dir, num_samples, *extra):
     return [f"models.student.init_from={SMALL_DIR}", f"models.teacher.init_from={SMALL_DIR}",
             f"data.prompts={REPO}/prompts/example.txt", f"method.teacher_path_cache={cache_dir}",
             f"data.num_samples={num_samples}", *SMALL_PIPELINE, *SMALL_METHOD, *extra]
-
-
-def ensure_small_model():
-    if not os.path.exists(SMALL_DIR):
-        tmp = f"{SMALL_DIR}.tmp{os.getpid()}"
-        kd.make_tiny_wan(tmp, **SMALL_MODEL)
-        os.rename(tmp, SMALL_DIR)
 
 
 def one_thread_env():
@@ -199,7 +191,7 @@ def cache_ratios(cache_dir):
 
 
 def ratios_table():
-    ensure_small_model()
+    kd.ensure_model_dir(SMALL_DIR)
     workdir = tempfile.mkdtemp(prefix="kd-bench-")
     forward = subprocess_json("forward-times")
     teacher_forwards = kd.load_config(os.path.join(REPO, "configs", "tiny.yaml")).method.teacher_inference_steps

@@ -63,13 +63,13 @@ class Outcome:
 
 
 def overrides(cache, *extra):
+    import kd
+
     return [f"models.student.init_from={REPO}/tiny_models/wan-tiny-student",
             f"models.teacher.init_from={REPO}/tiny_models/wan-tiny-teacher",
             f"data.prompts={REPO}/prompts/example.txt", f"data.num_samples={NUM_SAMPLES}",
             f"method.teacher_path_cache={cache}",
-            # the random tiny models' settings (configs/tiny.yaml is tuned for its demo models)
-            "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
-            "training.previews=false", *extra]
+            *kd.RANDOM_TINY_SETTINGS, "training.previews=false", *extra]
 
 
 def train_overrides(cache, out, *extra):

@@ -410,7 +410,11 @@ def recorded_timesteps(cfg):
 TINY_MODELS = {  # offline random Wan pipelines, created on first use at any path ending in these names
     "wan-tiny-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=1),
     "wan-tiny-student": dict(layers=2, heads=2, head_dim=12, ffn_dim=48, seed=2),
+    "wan-bench-small": dict(layers=2, heads=4, head_dim=64, ffn_dim=1024, seed=3),  # bench.py: compute dominates
 }
+RANDOM_TINY_SETTINGS = [  # overrides for the random models (configs/tiny.yaml is tuned for the demo models)
+    "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
+]
 TINY_DEMO_MODELS = ("wan-tiny-demo-teacher", "wan-tiny-demo-student")  # pre-trained on moving shapes (tiny_demo.py)
 TINY_TEXT_DIM = 32  # d_model of the tiny UMT5 (must be shared by tiny teacher and student)
 TINY_CORPUS = (  # the tiny byte-level BPE tokenizer is trained on these words; any text still tokenizes

@@ -28,9 +28,7 @@ def tiny_overrides(cache_dir, *extra):
         f"models.teacher.init_from={REPO}/tiny_models/wan-tiny-teacher",
         f"data.prompts={REPO}/prompts/example.txt",
         f"method.teacher_path_cache={cache_dir}",
-        # the random tiny models' settings (configs/tiny.yaml is tuned for its demo models)
-        "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
-        "data.num_samples=32", *extra,
+        *kd.RANDOM_TINY_SETTINGS, "data.num_samples=32", *extra,
     ]
 
 
