@@ -1,13 +1,14 @@
 """Measurements that print ratios side by side, on this machine's CPU (for a GPU, see bench_gpu.py).
 
-    python bench.py           # the ratios table: generation, scaling, training, cache size, CFG (~2 min, 2 cores)
+    python bench.py           # the ratios table: generation, scaling, training, cache size, CFG
+                              # (~2 min, 2 cores)
     python bench.py memory    # peak memory of one causal training step: per-frame vs per-token timesteps
 
 Every ratio is measured in this run, numerator and denominator under the same conditions: one compute thread
-per process, a "small" random Wan teacher and student (2 layers, width 256, 384 tokens; a forward takes tens of
-milliseconds, so compute dominates) built offline under tiny_models/, and the real scripts run as subprocesses.
-Generation's per-sample cost is the time between consecutive sample files of one rank (steady state: imports,
-model loading and prompt encoding happen before the first file).
+per process, a "small" random Wan teacher and student (2 layers, width 256, 384 tokens; a forward takes tens
+of milliseconds, so compute dominates) built offline under tiny_models/, and the real scripts run as
+subprocesses. Generation's per-sample cost is the time between consecutive sample files of one rank (steady
+state: imports, model loading and prompt encoding happen before the first file).
 """
 
 import json
@@ -21,14 +22,24 @@ import time
 
 import torch
 
+import cache_format
+import config
+import distributed
 import kd
+import models
+import tiny_demo
+import wan_student
+from flow_matching import teacher_grid
+from processes import command, environment
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # ---- ratios -----------------------------------------------------------------------------------------------
-SMALL_DIR = os.path.join(REPO, "tiny_models", "wan-bench-small")  # teacher and student (kd.TINY_MODELS)
-SMALL_PIPELINE = ["pipeline.num_frames=21", "pipeline.height=128", "pipeline.width=128"]  # latents [16, 6, 16, 16]
-SMALL_METHOD = [*kd.RANDOM_TINY_SETTINGS, "training.previews=false",  # Wan's 4 steps, 512 text tokens
+# teacher and student (tiny_demo.RANDOM_MODELS)
+SMALL_DIR = os.path.join(REPO, "tiny_models", "wan-bench-small")
+# latents [16, 6, 16, 16]
+SMALL_PIPELINE = ["pipeline.num_frames=21", "pipeline.height=128", "pipeline.width=128"]
+SMALL_METHOD = [*tiny_demo.RANDOM_TINY_SETTINGS, "training.previews=false",  # Wan's 4 steps, 512 text tokens
                 "method.teacher_negative_prompt=''"]
 GEN_SAMPLES = 6  # samples per generation run (even: both ranks get equal shares)
 GEN_ROUNDS = 2  # generation runs per rank count
@@ -48,46 +59,46 @@ def small_config_overrides(cache_dir, num_samples, *extra):
             f"data.num_samples={num_samples}", *SMALL_PIPELINE, *SMALL_METHOD, *extra]
 
 
-def one_thread_env():
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
 def generation_run(cache_dir, num_samples, ranks):
-    """(wall seconds of one complete generate_cache.py run, each sample file's write time in seconds, by index)."""
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-                                   if ranks > 1 else [])
-    cmd = launcher + [os.path.join(REPO, "generate_cache.py"), os.path.join(REPO, "configs", "tiny.yaml"),
-                      *small_config_overrides(cache_dir, num_samples)]
+    """(wall seconds of one complete generate_cache.py run, each sample file's write time in seconds, by
+    index)."""
+    cmd = command(os.path.join(REPO, "generate_cache.py"), [os.path.join(REPO, "configs", "tiny.yaml"),
+                                                             *small_config_overrides(cache_dir, num_samples)],
+                  ranks)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=one_thread_env(), cwd=REPO, capture_output=True)
+    subprocess.run(cmd, check=True, env=environment(), cwd=REPO, capture_output=True)
     wall = time.perf_counter() - start
-    return wall, [os.stat(kd.sample_path(cache_dir, i)).st_mtime_ns / 1e9 for i in range(num_samples)]
+    return wall, [os.stat(cache_format.sample_path(cache_dir, i)).st_mtime_ns / 1e9
+                  for i in range(num_samples)]
 
 
 def seconds_per_sample(workdir):
     """{ranks: (steady-state seconds per sample per rank, start-up seconds)} for 1 and 2 ranks.
 
-    Rank r writes samples r, r + ranks, ... one after the other, so the time between two of its consecutive files
-    is everything one sample costs it (rollout, write, progress bar); start-up is the rest of the wall time. The
-    runs alternate 1, 2, 1, 2 ranks so that a slow spell of the machine does not land on one side only.
+    Rank r writes samples r, r + ranks, ... one after the other, so the time between two of its consecutive
+    files is everything one sample costs it (rollout, write, progress bar); start-up is the rest of the wall
+    time. The runs alternate 1, 2, 1, 2 ranks so that a slow spell of the machine does not land on one side
+    only.
     """
     gaps, startup = {1: [], 2: []}, {1: [], 2: []}
     for run in range(GEN_ROUNDS):
         for ranks in (1, 2):
             wall, written = generation_run(os.path.join(workdir, f"r{ranks}-{run}"), GEN_SAMPLES, ranks)
-            mine = [b - a for r in range(ranks) for a, b in zip(written[r::ranks], written[r + ranks :: ranks])]
+            mine = [b - a for r in range(ranks)
+                    for a, b in zip(written[r::ranks], written[r + ranks :: ranks])]
             gaps[ranks] += mine
             startup[ranks].append(wall - GEN_SAMPLES / ranks * statistics.median(mine))
     return {ranks: (statistics.median(gaps[ranks]), statistics.median(startup[ranks])) for ranks in (1, 2)}
 
 
 def forward_times():
-    """Seconds of one bare teacher forward at the CFG batch (2) and at batch 1, interleaved, in this process."""
+    """Seconds of one bare teacher forward at the CFG batch (2) and at batch 1, interleaved, in this
+    process."""
     torch.set_num_threads(1)
-    cfg = kd.load_config(os.path.join(REPO, "configs", "tiny.yaml"), small_config_overrides("unused", 1))
-    model = kd.load_transformer(SMALL_DIR, torch.device("cpu")).eval().requires_grad_(False)
-    shape = kd.latent_shape(SMALL_DIR, cfg)
-    text = torch.randn(2, cfg.pipeline.max_sequence_length, kd.TINY_TEXT_DIM)
+    cfg = config.load_config(os.path.join(REPO, "configs", "tiny.yaml"), small_config_overrides("unused", 1))
+    model = models.load_transformer(SMALL_DIR, torch.device("cpu")).eval().requires_grad_(False)
+    shape = config.latent_shape(SMALL_DIR, cfg)
+    text = torch.randn(2, cfg.pipeline.max_sequence_length, tiny_demo.TEXT_DIM)
     x = torch.randn(2, *shape)  # [2, C, F, H, W]
     t = torch.full((2,), 937.0)
     batched, separate = [], []
@@ -112,14 +123,14 @@ def training_times(cache_dir, output_dir):
     alternate step by step, so a slow moment of the machine hits both.
     """
     torch.set_num_threads(1)
-    cfg = kd.load_config(os.path.join(REPO, "configs", "tiny.yaml"), small_config_overrides(
+    cfg = config.load_config(os.path.join(REPO, "configs", "tiny.yaml"), small_config_overrides(
         cache_dir, GEN_SAMPLES, "models.teacher=null", "training.eval_samples=0", "training.num_workers=1",
         f"training.output_dir={output_dir}"))
-    rank, world, device = kd.init_distributed()
+    rank, world, device = distributed.init_distributed()
     trainer = kd.KDTrainer(cfg, rank, world, device)
     trainer.prepare()
     loader = iter(trainer.data_loader(start=0))
-    bare = kd.load_transformer(SMALL_DIR, device)
+    bare = models.load_transformer(SMALL_DIR, device)
     optimizer = torch.optim.AdamW(bare.parameters(), lr=cfg.training.lr, fused=True)
     batch = next(loader)
     x_t, x0, embeds = batch["x_t"].float(), batch["x0"].float(), batch["prompt_embeds"].float()
@@ -143,19 +154,19 @@ def training_times(cache_dir, output_dir):
         if rep >= 3:
             kd_times.append(mid - start)
             bare_times.append(end - mid)
-    kd.shutdown_distributed()
+    distributed.shutdown_distributed()
     return {"kd": statistics.median(kd_times), "bare": statistics.median(bare_times)}
 
 
 def subprocess_json(*args):
-    out = subprocess.run([sys.executable, __file__, *args], check=True, env=one_thread_env(), cwd=REPO,
+    out = subprocess.run([sys.executable, __file__, *args], check=True, env=environment(), cwd=REPO,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def cache_bytes(cfg, latents, tokens, states, text_width):
     """Bytes of the tensors of one sample file with `states` latent states and `tokens` embedding rows."""
-    item = torch.empty((), dtype=kd.CACHE_DTYPES[cfg.data.cache_dtype]).element_size()
+    item = torch.empty((), dtype=config.CACHE_DTYPES[cfg.data.cache_dtype]).element_size()
     return item * (states * torch.Size(latents).numel() + tokens * text_width)
 
 
@@ -163,8 +174,8 @@ def cache_ratios(cache_dir):
     """{label: ratio} of our cache against the upstream layout (all 48 states + x0 + 512 padded tokens)."""
     from safetensors import safe_open
 
-    cfg = kd.load_config(os.path.join(REPO, "configs", "wan.yaml"))
-    kept = len(kd.recorded_steps(cfg)) + 1  # t_list states and x0
+    cfg = config.load_config(os.path.join(REPO, "configs", "wan.yaml"))
+    kept = len(teacher_grid(cfg).recorded) + 1  # t_list states and x0
     upstream_states = cfg.method.teacher_inference_steps + 1
     real_upstream = cache_bytes(cfg, REAL_LATENTS, REAL_TEXT[0], upstream_states, REAL_TEXT[1])
     ratios = {
@@ -173,7 +184,7 @@ def cache_ratios(cache_dir):
         "cache size / upstream, real Wan, typical prompt": cache_bytes(
             cfg, REAL_LATENTS, TYPICAL_PROMPT_TOKENS, kept, REAL_TEXT[1]) / real_upstream,
     }
-    path = kd.sample_path(cache_dir, 0)
+    path = cache_format.sample_path(cache_dir, 0)
     with safe_open(path, framework="pt") as f:
         latents = f.get_slice("latents").get_shape()  # [K+1, C, F, H, W]
         tokens, width = f.get_slice("prompt_embeds").get_shape()
@@ -191,10 +202,11 @@ def cache_ratios(cache_dir):
 
 
 def ratios_table():
-    kd.ensure_model_dir(SMALL_DIR)
+    tiny_demo.ensure_model_dir(SMALL_DIR)
     workdir = tempfile.mkdtemp(prefix="kd-bench-")
     forward = subprocess_json("forward-times")
-    teacher_forwards = kd.load_config(os.path.join(REPO, "configs", "tiny.yaml")).method.teacher_inference_steps
+    teacher_forwards = (config.load_config(os.path.join(REPO, "configs", "tiny.yaml"))
+                        .method.teacher_inference_steps)
     (one, fixed_one), (two, fixed_two) = seconds_per_sample(workdir).values()
     train = subprocess_json("training-times", os.path.join(workdir, "r1-0"), os.path.join(workdir, "run"))
     rows = {
@@ -204,8 +216,9 @@ def ratios_table():
         **cache_ratios(os.path.join(workdir, "r1-0")),
         "CFG: one batched forward / two separate": forward["batched"] / forward["separate"],
     }
-    print(f"bench.py ratios: {os.cpu_count()} CPU cores, torch {torch.__version__}, one compute thread per process; "
-          f"small Wan (2 layers, width 256), latents [16, 6, 16, 16] (384 tokens), CFG batch 2, 48 teacher steps")
+    print(f"bench.py ratios: {os.cpu_count()} CPU cores, torch {torch.__version__}, one compute thread per "
+          f"process; small Wan (2 layers, width 256), latents [16, 6, 16, 16] (384 tokens), CFG batch 2, "
+          f"48 teacher steps")
     print(f"  {'measure':<56} {'ratio':>7}  target")
     failed = []
     for name, value in rows.items():
@@ -215,10 +228,11 @@ def ratios_table():
         failed += [] if met else [name]
         mark = "" if op is None else f"{op} {target:<5} {'met' if met else 'MISSED'}"
         print(f"  {name:<56} {value:7.3f}  {mark}")
-    print(f"  from: bare forward {forward['batched'] * 1e3:.1f} ms at batch 2 ({forward['separate'] * 1e3:.1f} ms as "
-          f"two of batch 1); generation {one:.2f} s per sample on 1 rank, {two:.2f} s per sample per rank on 2 (start-up "
-          f"{fixed_one:.1f} s / {fixed_two:.1f} s); KD step {train['kd'] * 1e3:.0f} ms, bare step "
-          f"{train['bare'] * 1e3:.0f} ms")
+    print(f"  from: bare forward {forward['batched'] * 1e3:.1f} ms at batch 2 "
+          f"({forward['separate'] * 1e3:.1f} ms as two of batch 1); generation {one:.2f} s per sample "
+          f"on 1 rank, {two:.2f} s per sample per rank on 2 "
+          f"(start-up {fixed_one:.1f} s / {fixed_two:.1f} s); KD step {train['kd'] * 1e3:.0f} ms, "
+          f"bare step {train['bare'] * 1e3:.0f} ms")
     return failed
 
 
@@ -248,9 +262,9 @@ def memory_variant(name):
     attention, layout = VARIANTS[name]
     torch.manual_seed(0)
     model = WanTransformer3DModel(**MEMORY_MODEL)
-    kd.accept_frame_timesteps(model)
+    wan_student.accept_frame_timesteps(model)
     if attention == "block_causal":
-        kd.make_block_causal(model, 3)
+        wan_student.make_block_causal(model, 3)
     b, c, f, h, w = MEMORY_SHAPE
     x, x0 = torch.randn(MEMORY_SHAPE), torch.randn(MEMORY_SHAPE)
     text = torch.randn(b, 512, MEMORY_MODEL["text_dim"])
@@ -266,32 +280,32 @@ def memory_variant(name):
 def memory_table():
     results = {}
     for name in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "memory-variant", name], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, __file__, "memory-variant", name], capture_output=True,
+                             text=True, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results["bidirectional, timestep [B]"]
     tokens = MEMORY_SHAPE[2] * (MEMORY_SHAPE[3] // 2) * (MEMORY_SHAPE[4] // 2)
-    print(f"peak memory of one training step, {tokens} tokens, width {2 * 64}, {MEMORY_MODEL['num_layers']} layers "
-          "(CPU, fp32)")
+    print(f"peak memory of one training step, {tokens} tokens, width {2 * 64}, {MEMORY_MODEL['num_layers']} "
+          "layers (CPU, fp32)")
     for name, peak in results.items():
         print(f"  {name:<55} {peak / 2**30:6.2f} GiB  {peak / base:5.2f}x bidirectional")
     for label, width in (("Wan2.1-1.3B", 1536), ("Wan2.1-14B", 5120)):
-        print(f"  per-token modulation [B, L, 6, D] fp32 at {label} width: {6 * tokens * width * 4 / 2**30:.2f} GiB "
-              "per block (ours: [B, F, 6, D])")
+        print(f"  per-token modulation [B, L, 6, D] fp32 at {label} width: "
+              f"{6 * tokens * width * 4 / 2**30:.2f} GiB per block (ours: [B, F, 6, D])")
 
 
 if __name__ == "__main__":
-    command = sys.argv[1:2]
-    if command == ["memory-variant"]:
+    mode = sys.argv[1:2]
+    if mode == ["memory-variant"]:
         torch.set_num_threads(2)
         print(json.dumps(memory_variant(sys.argv[2])))
-    elif command == ["forward-times"]:
+    elif mode == ["forward-times"]:
         print(json.dumps(forward_times()))
-    elif command == ["training-times"]:
+    elif mode == ["training-times"]:
         print(json.dumps(training_times(sys.argv[2], sys.argv[3])))
-    elif command == ["memory"]:
+    elif mode == ["memory"]:
         memory_table()
-    elif not command:
+    elif not mode:
         sys.exit(1 if ratios_table() else 0)
     else:
         raise SystemExit(__doc__)

@@ -6,8 +6,8 @@
 
 Measures, in one process on one device:
   - the dense matmul ceiling (bf16 on GPU): the denominator of every MFU below;
-  - one 14B teacher step with CFG (cond + uncond as one batch of 2), exactly generate_cache.teacher_rollout's
-    code, at 480x832 x 81 frames (latents [16, 21, 60, 104], 32760 tokens), or at the most latent frames that fit;
+  - one 14B teacher step with CFG (cond + uncond as one batch of 2), exactly teacher.teacher_rollout's code,
+    at 480x832 x 81 frames (latents [16, 21, 60, 104], 32760 tokens), or at the most latent frames that fit;
   - one 1.3B student KD training step through kd.py's own code (FSDP2, bf16 compute, fp32 reduce, fused AdamW,
     kd_frame_losses), bidirectional and block-causal, gradient checkpointing off and on;
   - each one's peak device memory and MFU = model FLOPs / time / ceiling. FLOPs come from wan_forward_flops
@@ -22,8 +22,11 @@ import time
 
 import torch
 
-import generate_cache
 import kd
+from distributed import init_distributed, shutdown_distributed
+from flow_matching import NUM_TRAIN_TIMESTEPS
+from models import compute_dtype
+from teacher import teacher_rollout
 
 WAN_14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096,
                freq_dim=256, in_channels=16, out_channels=16, patch_size=(1, 2, 2), cross_attn_norm=True,
@@ -31,7 +34,8 @@ WAN_14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, nu
 WAN_1_3B = dict(WAN_14B, num_attention_heads=12, ffn_dim=8960, num_layers=30)
 SMOKE = dict(WAN_14B, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2, text_dim=32,
              freq_dim=32)
-SIZES = {  # name: (teacher config, student config, latents [C, F, H, W], text tokens, matmul size, model labels)
+# name: (teacher config, student config, latents [C, F, H, W], text tokens, matmul size, model labels)
+SIZES = {
     "real": (WAN_14B, WAN_1_3B, (16, 21, 60, 104), 512, 8192, ("14B", "1.3B")),
     "smoke": (SMOKE, SMOKE, (16, 5, 8, 8), 16, 256, ("smoke", "smoke")),
 }
@@ -40,8 +44,8 @@ TIMED = 3  # timed repetitions after one warm-up
 
 
 def wan_forward_flops(config, latents, text_tokens, batch, frames_per_block=None):
-    """Matmul FLOPs of one WanTransformer3DModel forward; with frames_per_block, block-causal self-attention and
-    per-frame timesteps (kd.py's causal student)."""
+    """Matmul FLOPs of one WanTransformer3DModel forward; with frames_per_block, block-causal self-attention
+    and per-frame timesteps (kd.py's causal student)."""
     d, ffn, layers = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"], \
         config["num_layers"]
     c, f, h, w = latents
@@ -62,7 +66,8 @@ def wan_forward_flops(config, latents, text_tokens, batch, frames_per_block=None
                  + 2 * 2 * tokens * d * ffn)  # feed-forward
     embed = (2 * tokens * patch * d + 2 * tokens * d * patch  # patch embedding, output projection
              + 2 * text_tokens * (text_dim * d + d * d)  # text embedder
-             + 2 * (freq * d + d * d + d * 6 * d) * (f if frames_per_block else 1))  # time embedding, per frame
+             # time embedding, per frame
+             + 2 * (freq * d + d * d + d * 6 * d) * (f if frames_per_block else 1))
     return batch * (layers * per_layer + embed)
 
 
@@ -85,7 +90,8 @@ def synchronize(device):
 
 
 def timed(fn, device):
-    """Median seconds of fn() over TIMED calls after one warm-up, and the peak device memory in bytes (or None)."""
+    """Median seconds of fn() over TIMED calls after one warm-up, and the peak device memory in bytes (or
+    None)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     fn()
@@ -109,35 +115,38 @@ def matmul_ceiling(device, n):
 
 
 def teacher_cfg_step(device, config, latents, text_tokens):
-    """(seconds, peak bytes) of one CFG teacher step, as generate_cache.teacher_rollout runs it."""
-    model = wan_on(device, config, kd.compute_dtype(device)).eval().requires_grad_(False)
+    """(seconds, peak bytes) of one CFG teacher step, as teacher.teacher_rollout runs it."""
+    model = wan_on(device, config, compute_dtype(device)).eval().requires_grad_(False)
     noise = torch.randn(1, *latents, device=device)  # [1, C, F, H, W]
     cond = torch.randn(1, text_tokens, config["text_dim"], device=device)  # [1, L, D]
     uncond = torch.randn(1, text_tokens, config["text_dim"], device=device)
     sigmas = torch.tensor([1.0])
     try:
-        return timed(lambda: generate_cache.teacher_rollout(model, noise, cond, uncond, sigmas, 5.0, []), device)
+        return timed(lambda: teacher_rollout(model, noise, cond, uncond, sigmas, 5.0, []), device)
     finally:
         del model
 
 
 def student_train_step(device, config, latents, text_tokens, attention, checkpointing):
-    """(seconds, peak bytes) of one KD optimizer step of a sharded student, as KDTrainer.train_step runs it."""
-    model = kd.shard_student(wan_on(device, config, torch.float32), attention, FRAMES_PER_BLOCK, checkpointing,
-                             device)
+    """(seconds, peak bytes) of one KD optimizer step of a sharded student, as KDTrainer.train_step runs
+    it."""
+    model = kd.shard_student(wan_on(device, config, torch.float32), attention, FRAMES_PER_BLOCK,
+                             checkpointing, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     frames = latents[1]
-    x_t, x0 = torch.randn(1, *latents, device=device), torch.randn(1, *latents, device=device)  # [1, C, F, H, W]
+    # [1, C, F, H, W]
+    x_t, x0 = torch.randn(1, *latents, device=device), torch.randn(1, *latents, device=device)
     embeds = torch.randn(1, text_tokens, config["text_dim"], device=device)
     if attention == "block_causal":  # each block of frames at its own noise level
         steps = torch.arange(frames, device=device) // FRAMES_PER_BLOCK % 4
     else:
         steps = torch.full((frames,), 1, device=device)
     t_frames = torch.tensor([999.0, 937.0, 833.0, 624.0], device=device)[steps][None]  # [1, F]
-    sigma_frames = t_frames / kd.NUM_TRAIN_TIMESTEPS
+    sigma_frames = t_frames / NUM_TRAIN_TIMESTEPS
 
     def step():
-        losses = kd.kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, attention != "block_causal", embeds)
+        losses = kd.kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, attention != "block_causal",
+                                    embeds)
         losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
@@ -157,7 +166,7 @@ def run(size, out_path, latent_frames=None):
     teacher_cfg, student_cfg, latents, text_tokens, n, (teacher_label, student_label) = SIZES[size]
     if latent_frames:
         latents = (latents[0], latent_frames, *latents[2:])
-    rank, world, device = kd.init_distributed()  # a world of one: FSDP2 needs a process group
+    rank, world, device = init_distributed()  # a world of one: FSDP2 needs a process group
     if device.type == "cpu":  # tiny ops on a busy machine: more threads only add synchronisation
         torch.set_num_threads(1)
     ceiling = matmul_ceiling(device, n)
@@ -175,9 +184,9 @@ def run(size, out_path, latent_frames=None):
             torch.cuda.empty_cache()
         tokens = shape[1] * (shape[2] // 2) * (shape[3] // 2)
         rows.append({"name": name, "layers": config["num_layers"],
-                     "width": config["num_attention_heads"] * config["attention_head_dim"], "latents": list(shape),
-                     "tokens": tokens, "status": status, "seconds": seconds, "flops": flops,
-                     "tflops_per_s": flops / seconds / 1e12 if seconds else None,
+                     "width": config["num_attention_heads"] * config["attention_head_dim"],
+                     "latents": list(shape), "tokens": tokens, "status": status, "seconds": seconds,
+                     "flops": flops, "tflops_per_s": flops / seconds / 1e12 if seconds else None,
                      "mfu": flops / seconds / ceiling if seconds else None,
                      "peak_memory_gib": peak / 2**30 if peak is not None else None})
         return status == "ok"
@@ -193,11 +202,13 @@ def run(size, out_path, latent_frames=None):
         for checkpointing in (False, True):
             flops = 3 * wan_forward_flops(student_cfg, latents, text_tokens, 1,
                                           FRAMES_PER_BLOCK if attention == "block_causal" else None)
-            name = f"student {student_label} KD step, {'bidirectional' if attention == 'full' else 'block-causal'}, " \
+            name = f"student {student_label} KD step, " \
+                   f"{'bidirectional' if attention == 'full' else 'block-causal'}, " \
                    f"checkpointing {'on' if checkpointing else 'off'}"
             record(name, student_cfg, latents, flops,
-                   lambda: student_train_step(device, student_cfg, latents, text_tokens, attention, checkpointing))
-    kd.shutdown_distributed()
+                   lambda: student_train_step(device, student_cfg, latents, text_tokens, attention,
+                                              checkpointing))
+    shutdown_distributed()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = {"size": size, "device": device_name, "torch": torch.__version__, "text_tokens": text_tokens,
               "matmul_ceiling_tflops_per_s": ceiling / 1e12, "results": rows}
@@ -208,23 +219,27 @@ def run(size, out_path, latent_frames=None):
 
 
 def print_table(result):
-    print(f"bench_gpu ({result['size']} sizes) on {result['device']}, torch {result['torch']}: matmul ceiling "
-          f"{result['matmul_ceiling_tflops_per_s']:.3g} TFLOP/s; {result['text_tokens']} text tokens")
+    print(f"bench_gpu ({result['size']} sizes) on {result['device']}, torch {result['torch']}: "
+          f"matmul ceiling {result['matmul_ceiling_tflops_per_s']:.3g} TFLOP/s; "
+          f"{result['text_tokens']} text tokens")
     print(f"  {'measure':<58} {'latents':<18} {'seconds':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
     for row in result["results"]:
         if row["status"] != "ok":
             print(f"  {row['name']:<58} {str(row['latents']):<18} {row['status']}")
             continue
         memory = f"{row['peak_memory_gib']:9.1f}" if row["peak_memory_gib"] is not None else f"{'n/a':>9}"
-        print(f"  {row['name']:<58} {str(row['latents']):<18} {row['seconds']:8.3f} {row['tflops_per_s']:8.3g} "
-              f"{row['mfu']:6.1%} {memory}")
+        print(f"  {row['name']:<58} {str(row['latents']):<18} {row['seconds']:8.3f} "
+              f"{row['tflops_per_s']:8.3g} {row['mfu']:6.1%} {memory}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a CPU check of the whole script")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, for a CPU check of the whole script")
     parser.add_argument("--out", default="bench_gpu.json", help="JSON results file")
-    parser.add_argument("--latent-frames", type=int, help="latent frames instead of 21 (1 + (frames - 1) / 4)")
+    parser.add_argument("--latent-frames", type=int,
+                        help="latent frames instead of 21 (1 + (frames - 1) / 4)")
     args = parser.parse_args()
     run("smoke" if args.smoke else "real", args.out, args.latent_frames)
 

@@ -7,8 +7,8 @@
 --checkpoint is a run's output directory (its latest complete checkpoint is used) or one checkpoint-N folder;
 one CPU process exports a checkpoint written by any number of ranks. The output holds the student base model's
 other components (hard-linked where possible) and transformer/ from save_pretrained, so that
-WanPipeline.from_pretrained(DIR) loads it. --self-forcing also writes the weights in the original Wan key layout
-that Self-Forcing's generator checkpoints use: {"generator": {"model.<wan key>": tensor}}.
+WanPipeline.from_pretrained(DIR) loads it. --self-forcing also writes the weights in the original Wan key
+layout that Self-Forcing's generator checkpoints use: {"generator": {"model.<wan key>": tensor}}.
 """
 
 import argparse
@@ -19,11 +19,16 @@ import warnings
 
 import torch
 
-import kd
+from atomic_files import TMP_SUFFIX, write_atomic
+from checkpoints import TRAINER_STATE, checkpoint_dirs
+from config import load_config
+from errors import CacheError, ConfigError, run_cli
+from models import load_transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-# diffusers name piece -> original Wan name piece, applied in order (the inverse of diffusers' single-file loader).
+# diffusers name piece -> original Wan name piece, applied in order (the inverse of diffusers' single-file
+# loader).
 TO_WAN_KEYS = [
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
     ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
@@ -47,12 +52,12 @@ SELF_FORCING_PREFIX = "model."  # Self-Forcing's generator wraps the Wan model a
 def find_checkpoint(path):
     """The checkpoint folder to export: `path` itself, or the highest complete checkpoint-N under it."""
     if not os.path.isdir(path):
-        raise kd.ConfigError(f"--checkpoint {path} does not exist")
-    if os.path.exists(os.path.join(path, "trainer_state.pt")):
+        raise ConfigError(f"--checkpoint {path} does not exist")
+    if os.path.exists(os.path.join(path, TRAINER_STATE)):
         return path
-    found = kd.checkpoint_dirs(path)
+    found = checkpoint_dirs(path)
     if not found:
-        raise kd.ConfigError(f"--checkpoint {path} holds no complete checkpoint (a checkpoint-N folder with "
+        raise ConfigError(f"--checkpoint {path} holds no complete checkpoint (a checkpoint-N folder with "
                              "trainer_state.pt); incomplete checkpoint-N.tmp folders are never exported")
     return found[max(found)]
 
@@ -61,38 +66,38 @@ def run_config(checkpoint):
     """The resolved config the run saved beside its checkpoints."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
     if not os.path.exists(path):
-        raise kd.ConfigError(f"{path} is missing: export needs the run's config.yaml next to its checkpoints")
-    return kd.load_config(path)
+        raise ConfigError(f"{path} is missing: export needs the run's config.yaml next to its checkpoints")
+    return load_config(path)
 
 
 def base_model_dir(init_from):
     """A local directory holding the student base model (a hub id resolves to its local snapshot)."""
-    path = kd.ensure_model_dir(init_from)
-    if os.path.isdir(path):
-        return path
+    if os.path.isdir(init_from):
+        return init_from
     from huggingface_hub import snapshot_download
 
     return snapshot_download(init_from)
 
 
 def load_checkpoint_student(checkpoint, cfg):
-    """The student WanTransformer3DModel, fp32, with the checkpoint's weights (DCP shards of any rank count)."""
+    """The student WanTransformer3DModel, fp32, with the checkpoint's weights (DCP shards, any rank count)."""
     import torch.distributed.checkpoint as dcp
 
-    model = kd.load_transformer(cfg.models.student.init_from, torch.device("cpu"))
+    model = load_transformer(cfg.models.student.init_from, torch.device("cpu"))
     state = {"model": model.state_dict()}
     try:
         with warnings.catch_warnings():  # a single process reading any rank count's shards is the point here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
     except Exception as e:
-        raise kd.CacheError(f"cannot read the model from checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
+        raise CacheError(f"cannot read the model from checkpoint {checkpoint}: "
+                         f"{type(e).__name__}: {e}") from None
     model.load_state_dict(state["model"], strict=True)
     return model.eval()
 
 
 def to_wan_keys(state_dict):
-    """diffusers WanTransformer3DModel keys -> the original Wan layout, with Self-Forcing's generator prefix."""
+    """diffusers WanTransformer3DModel keys -> original Wan keys, with Self-Forcing's generator prefix."""
     out = {}
     for key, value in state_dict.items():
         if key == "scale_shift_table":
@@ -116,7 +121,7 @@ def from_wan_keys(state_dict):
 
 
 def link_or_copy_tree(src, dst, skip):
-    """Mirror `src` into `dst` with hard links (copies across file systems), leaving out the top-level `skip`."""
+    """Mirror `src` into `dst` with hard links (copies across file systems), leaving out top-level `skip`."""
     for root, dirs, files in os.walk(src):
         rel = os.path.relpath(root, src)
         if rel == "." and skip in dirs:
@@ -130,8 +135,9 @@ def link_or_copy_tree(src, dst, skip):
                 shutil.copy2(source, target)
 
 
-def verify(output_dir, model, dtype):
-    """Reload what was written and compare it with the checkpoint's weights and outputs; returns a summary line."""
+def verify_export(output_dir, model, dtype):
+    """Reload what was written and compare it with the checkpoint's weights and outputs; returns a summary
+    line."""
     from diffusers import WanTransformer3DModel
 
     reloaded = WanTransformer3DModel.from_pretrained(output_dir, subfolder="transformer", torch_dtype=dtype)
@@ -153,21 +159,22 @@ def verify(output_dir, model, dtype):
     error = ((got - want).abs().max() / want.abs().max()).item()
     tolerance = 0.0 if dtype == torch.float32 else 0.05  # bf16 weights: ~2^-8 relative rounding per tensor
     if error > tolerance:
-        raise RuntimeError(f"exported model's output differs from the checkpoint's by {error:.3g} (max relative)")
+        raise RuntimeError(f"exported model's output differs from the checkpoint's by {error:.3g} "
+                           "(max relative)")
     return f"verified: {len(expected)} tensors equal, forward max relative difference {error:.2g}"
 
 
 def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, self_forcing=None):
     """Write the checkpoint's student as a diffusers Wan directory; returns the checkpoint folder used."""
     if dtype not in DTYPES:
-        raise kd.ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if os.path.exists(output_dir) and not overwrite:
-        raise kd.ConfigError(f"--output-dir {output_dir} already exists; pass --overwrite to replace it")
+        raise ConfigError(f"--output-dir {output_dir} already exists; pass --overwrite to replace it")
     checkpoint = find_checkpoint(checkpoint)
     cfg = run_config(checkpoint)
     model = load_checkpoint_student(checkpoint, cfg)
     torch_dtype = DTYPES[dtype]
-    tmp = os.path.normpath(output_dir) + kd.TMP_SUFFIX
+    tmp = os.path.normpath(output_dir) + TMP_SUFFIX
     shutil.rmtree(tmp, ignore_errors=True)
     link_or_copy_tree(base_model_dir(cfg.models.student.init_from), tmp, skip="transformer")
     model.to(torch_dtype).save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True,
@@ -175,14 +182,15 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
     model.float()
     messages = [f"exported {checkpoint} ({dtype}) to {output_dir}"]
     if check:
-        messages.append(verify(tmp, model, torch_dtype))
+        messages.append(verify_export(tmp, model, torch_dtype))
     if self_forcing:
         weights = {k: v.to(torch_dtype) for k, v in model.state_dict().items()}
         wan = to_wan_keys(weights)
         back = from_wan_keys(dict(wan))
         if back.keys() != weights.keys() or any(not torch.equal(back[k], weights[k]) for k in weights):
-            raise RuntimeError("the original-Wan key conversion does not round-trip through diffusers' loader")
-        kd.write_atomic(self_forcing, lambda p: torch.save({"generator": wan}, p))
+            raise RuntimeError("the original-Wan key conversion does not round-trip through diffusers' "
+                               "loader")
+        write_atomic(self_forcing, lambda p: torch.save({"generator": wan}, p))
         messages.append(f"wrote {self_forcing} (Self-Forcing generator layout, round-trip checked)")
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
@@ -192,13 +200,18 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
 
 
 def main(argv):
+    """export.py --checkpoint RUN_OR_CHECKPOINT --output-dir DIR [--dtype bf16] [--verify] [--self-forcing
+    FILE]."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run's output_dir or one checkpoint-N folder")
     parser.add_argument("--output-dir", required=True, help="the diffusers Wan directory to write")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the exported weights")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                        help="dtype of the exported weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
-    parser.add_argument("--verify", action="store_true", help="reload the export and compare it with the checkpoint")
-    parser.add_argument("--self-forcing", metavar="FILE", help="also write {'generator': original Wan keys} here")
+    parser.add_argument("--verify", action="store_true",
+                        help="reload the export and compare it with the checkpoint")
+    parser.add_argument("--self-forcing", metavar="FILE",
+                        help="also write {'generator': original Wan keys} here")
     args = parser.parse_args(argv)
     if os.environ.get("RANK", "0") != "0":  # under torchrun one process does the export
         return
@@ -206,4 +219,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    kd.run_cli(main, sys.argv[1:])
+    run_cli(main, sys.argv[1:])

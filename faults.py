@@ -5,12 +5,13 @@
 
 1. generation killed with SIGKILL at a random moment (1 and 2 ranks), then rerun: the cache equals an
    uninterrupted run's, tensor for tensor, and no temporary file remains;
-2. training killed with SIGKILL at a random moment or during a checkpoint write, then rerun: it resumes from the
-   newest complete checkpoint and logs the uninterrupted run's losses bit for bit;
+2. training killed with SIGKILL at a random moment or during a checkpoint write, then rerun: it resumes from
+   the newest complete checkpoint and logs the uninterrupted run's losses bit for bit;
 3. cache files truncated, bit-flipped or deleted: training refuses them (an error naming the file, never a bad
    tensor) and a rerun of generation rewrites exactly those files;
-4. the disk filling up (a small tmpfs, when this process may mount one) or a file-size limit (`ulimit -f`) during
-   generation and training: one clear error, no partial file taken as complete, and the rerun completes;
+4. the disk filling up (a small tmpfs, when this process may mount one) or a file-size limit (`ulimit -f`)
+   during generation and training: one clear error, no partial file taken as complete, and the rerun
+   completes;
 5. hundreds of random mutations of the shipped configs: each one a one-line ConfigError naming the field;
 6. a non-finite value injected at a random step (into a batch or into the weights): the run stops with a
    message and no checkpoint holds non-finite weights.
@@ -27,13 +28,23 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import atomic_files
+import cache_format
+import checkpoints
+import config
+import errors
+import export
+import generate_cache
+import kd
+import tiny_demo
+from processes import command, kill, run, start, wait_for
 
 REPO = Path(__file__).resolve().parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -55,7 +66,8 @@ class Outcome:
     bad_inputs: int = 0  # ... out of these (0: the scenario has no bad input to report)
 
     def ok(self):
-        return self.trials > 0 and self.survived == self.trials and self.lost == 0 and self.clear == self.bad_inputs
+        return (self.trials > 0 and self.survived == self.trials and self.lost == 0
+                and self.clear == self.bad_inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,93 +75,24 @@ class Outcome:
 
 
 def overrides(cache, *extra):
-    import kd
-
-    return [f"models.student.init_from={REPO}/tiny_models/wan-tiny-student",
-            f"models.teacher.init_from={REPO}/tiny_models/wan-tiny-teacher",
-            f"data.prompts={REPO}/prompts/example.txt", f"data.num_samples={NUM_SAMPLES}",
-            f"method.teacher_path_cache={cache}",
-            *kd.RANDOM_TINY_SETTINGS, "training.previews=false", *extra]
+    return [*tiny_demo.random_tiny_overrides(cache), f"data.num_samples={NUM_SAMPLES}",
+            "training.previews=false", *extra]
 
 
 def train_overrides(cache, out, *extra):
-    return overrides(cache, f"training.output_dir={out}", f"training.max_steps={TRAIN_STEPS}", "training.log_every=1",
-                     f"training.checkpoint_every={CHECKPOINT_EVERY}", "training.keep_checkpoints=2",
-                     "training.eval_every=15", "training.eval_samples=2", "training.num_workers=1", *extra)
-
-
-def command(script, args, ranks=1, file_limit_kib=None):
-    """argv of `script` on `ranks` processes, under a file-size limit when given (bash's ulimit -f, KiB)."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    cmd = [sys.executable, *launcher, str(script), *map(str, args)]
-    if file_limit_kib is None:
-        return cmd
-    return ["bash", "-c", f'ulimit -f {file_limit_kib} && exec "$@"', "bash", *cmd]
-
-
-def environment():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def run(cmd, timeout=600):
-    return subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout)
-
-
-def start(cmd):
-    return subprocess.Popen(cmd, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_for(path, proc, timeout=300):
-    """Poll until `path` exists; False if the process ended first."""
-    deadline = time.time() + timeout
-    while not Path(path).exists():
-        if proc.poll() is not None or time.time() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
-def process_tree(pid):
-    """`pid` and every process below it (torchrun starts its ranks in new sessions, out of reach of killpg)."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:  # ended meanwhile
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the command name in parentheses may hold spaces
-        children.setdefault(parent, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
-
-
-def signal_all(pids, sig):
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def kill(proc):
-    """SIGKILL the process and all its descendants at one moment, as a pre-empted node does.
-
-    The tree is stopped first, so that no process can start a child between listing and killing.
-    """
-    signal_all(process_tree(proc.pid), signal.SIGSTOP)
-    signal_all(process_tree(proc.pid), signal.SIGKILL)
-    proc.wait()
+    return overrides(cache, f"training.output_dir={out}", f"training.max_steps={TRAIN_STEPS}",
+                     "training.log_every=1", f"training.checkpoint_every={CHECKPOINT_EVERY}",
+                     "training.keep_checkpoints=2", "training.eval_every=15", "training.eval_samples=2",
+                     "training.num_workers=1", *extra)
 
 
 def is_clear_error(proc, names=()):
     """Exit status 2, the last stderr line `error: ...` naming one of `names` (if given), and no traceback."""
     lines = proc.stderr.strip().splitlines()
     last = lines[-1] if lines else ""
-    return (proc.returncode == 2 and "Traceback" not in proc.stderr and re.match(r"error( \(rank \d+\))?: ", last)
-            is not None and (not names or any(str(n) in last for n in names)))
+    return (proc.returncode == 2 and "Traceback" not in proc.stderr
+            and re.match(r"error( \(rank \d+\))?: ", last) is not None
+            and (not names or any(str(n) in last for n in names)))
 
 
 def timed_run(cmd, marker):
@@ -194,7 +137,8 @@ def stray_temporaries(folder):
 
 
 def cache_damage(cache, reference):
-    """Files of `cache` that are missing, differ from `reference`'s or should not be there (temporary files)."""
+    """Files of `cache` that are missing, differ from `reference`'s or should not be there (temporary
+    files)."""
     damage = [str(p) for p in cache_files(reference) if not same_file(Path(cache) / p, Path(reference) / p)]
     damage += [str(p) for p in stray_temporaries(cache)]
     for name in ("metadata.json", "COMPLETE"):
@@ -213,7 +157,8 @@ def read_log(path):
 
 
 def log_damage(run_dir, reference):
-    """Log lines of a finished run that differ from the uninterrupted run's, plus temporary folders left behind."""
+    """Log lines of a finished run that differ from the uninterrupted run's, plus temporary folders left
+    behind."""
     damage = 0
     for name in ("metrics.jsonl", "eval.jsonl"):
         a, b = read_log(Path(run_dir) / name), read_log(Path(reference) / name)
@@ -222,9 +167,8 @@ def log_damage(run_dir, reference):
 
 
 def complete_checkpoint_steps(run_dir):
-    import kd
 
-    return sorted(kd.checkpoint_dirs(str(run_dir)))
+    return sorted(checkpoints.checkpoint_dirs(str(run_dir)))
 
 
 def resumed_step(output):
@@ -234,7 +178,6 @@ def resumed_step(output):
 
 def finite_checkpoint(path):
     """Whether the student weights of a checkpoint folder load and are all finite."""
-    import export
     import torch
 
     model = export.load_checkpoint_student(str(path), export.run_config(str(path)))
@@ -254,12 +197,14 @@ def generation_kills(trials, rng, work, reference, write_seconds):
         proc = start(cmd)
         if trial // 2 % 2 == 0:  # at a random moment of the writing phase
             wait_for(cache / "metadata.json", proc)  # samples are written from here on
-            time.sleep(rng.uniform(0, 0.6 * write_seconds))  # a subprocess writes faster than the in-process run
+            # a subprocess writes faster than the in-process run
+            time.sleep(rng.uniform(0, 0.6 * write_seconds))
         else:  # just after a random sample file appeared, while the next one is computed or written
             wait_for(cache / "samples" / f"{rng.randrange(NUM_SAMPLES - 1):08d}.safetensors", proc)
             time.sleep(rng.uniform(0, 0.5 * write_seconds / NUM_SAMPLES))
         kill(proc)
-        written = f"{count_samples(cache)}/{NUM_SAMPLES} samples written{', COMPLETE' * (cache / 'COMPLETE').exists()}"
+        written = (f"{count_samples(cache)}/{NUM_SAMPLES} samples written"
+                   f"{', COMPLETE' * (cache / 'COMPLETE').exists()}")
         rerun = run(cmd)
         damage = cache_damage(cache, reference)
         outcome.trials += 1
@@ -337,7 +282,6 @@ def training_reads(cache, reference, bad_paths):
     Returns (bad files refused with a CacheError naming them, reads that returned a tensor differing from the
     reference's or failed in another way).
     """
-    import kd
     import torch
 
     dataset = kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)
@@ -348,41 +292,42 @@ def training_reads(cache, reference, bad_paths):
             key = (index, (step,) * 6)
             try:
                 item = dataset[key]
-            except kd.CacheError as e:
+            except errors.CacheError as e:
                 refused.update(p for p in bad_paths if str(p) in str(e))
                 wrong += not any(str(p) in str(e) for p in bad_paths)  # refusing a good file is wrong too
                 continue
             expected = reference_set[key]
             wrong += not all(torch.equal(item[k], expected[k]) for k in ("x_t", "x0", "prompt_embeds"))
-    negative = Path(kd.negative_embeds_path(str(cache)))
+    negative = Path(cache_format.negative_embeds_path(str(cache)))
     try:
-        wrong += not torch.equal(kd.read_negative_embeds(str(cache)), kd.read_negative_embeds(str(reference)))
-    except kd.CacheError as e:
+        wrong += not torch.equal(cache_format.read_negative_embeds(str(cache)),
+                                 cache_format.read_negative_embeds(str(reference)))
+    except errors.CacheError as e:
         refused.update(p for p in bad_paths if p == negative and str(p) in str(e))
         wrong += negative not in bad_paths
     return refused, wrong
 
 
 def cache_corruptions(trials, rng, work, reference):
-    import generate_cache
-    import kd
 
     outcome = Outcome("3. cache files truncated / bit-flipped / deleted")
     for trial in range(trials):
         cache = work / f"corrupt_{trial}"
         shutil.copytree(reference, cache)
         # sample 0 is the one training sample of the CLI check below; samples 1-5 are its held-out samples
-        candidates = [Path(kd.sample_path(str(cache), i)) for i in range(1, NUM_SAMPLES)]
-        candidates.append(Path(kd.negative_embeds_path(str(cache))))
+        candidates = [Path(cache_format.sample_path(str(cache), i)) for i in range(1, NUM_SAMPLES)]
+        candidates.append(Path(cache_format.negative_embeds_path(str(cache))))
         victims = rng.sample(candidates, rng.randint(1, 3))
         done = [f"{v.name}: {corrupt(v, rng)}" for v in victims]
         refused, wrong = training_reads(cache, reference, victims)
         cli = run(command("kd.py", [TINY, *train_overrides(cache, work / f"corrupt_run_{trial}",
-                                                            "training.eval_samples=5", "training.batch_size=1",
+                                                            "training.eval_samples=5",
+                                                            "training.batch_size=1",
                                                             "training.max_steps=1")]))
-        stamps = {p: os.stat(p).st_mtime_ns for p in map(Path, candidates + [kd.sample_path(str(cache), 0)])
+        stamps = {p: os.stat(p).st_mtime_ns
+                  for p in map(Path, candidates + [cache_format.sample_path(str(cache), 0)])
                   if p.exists() and p not in victims}
-        quietly(generate_cache.generate_cache, kd.load_config(TINY, overrides(cache)))
+        quietly(generate_cache.generate_cache, config.load_config(TINY, overrides(cache)))
         untouched = all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
         damage = cache_damage(cache, reference)
         outcome.trials += 1
@@ -392,7 +337,8 @@ def cache_corruptions(trials, rng, work, reference):
         outcome.lost += len(damage) + wrong
         report(outcome, trial, "; ".join(done) + f"; training refused {len(refused)}/{len(victims)}, "
                f"CLI: {cli.stderr.strip().splitlines()[-1] if cli.stderr.strip() else cli.returncode}",
-               damage + ([f"{wrong} wrong reads"] if wrong else []) + ([] if untouched else ["good files rewritten"]))
+               damage + ([f"{wrong} wrong reads"] if wrong else [])
+               + ([] if untouched else ["good files rewritten"]))
         shutil.rmtree(cache, ignore_errors=True)
     return outcome
 
@@ -402,7 +348,8 @@ def cache_corruptions(trials, rng, work, reference):
 
 
 class SmallDisk:
-    """A tmpfs of `kib` KiB mounted at `path` (needs root: `available()` says whether this process may mount)."""
+    """A tmpfs of `kib` KiB mounted at `path` (needs root: `available()` says whether this process may
+    mount)."""
 
     def __init__(self, path, kib):
         self.path, self.kib = Path(path), kib
@@ -419,29 +366,32 @@ class SmallDisk:
 
     def mount(self):
         self.path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.kib}k", "tmpfs", str(self.path)], check=True,
-                       capture_output=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.kib}k", "tmpfs", str(self.path)],
+                       check=True, capture_output=True)
 
     def grow(self, kib):
-        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(self.path)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(self.path)], check=True,
+                       capture_output=True)
 
     def unmount(self):
         subprocess.run(["umount", str(self.path)], check=False, capture_output=True)
 
 
 def partial_files_taken_as_complete(cache, reference):
-    """Sample files present after a failed run that a rerun would keep although they differ from the reference."""
-    import kd
+    """Sample files present after a failed run that a rerun would keep although they differ from the
+    reference."""
 
     fingerprint = json.loads((Path(reference) / "metadata.json").read_text())
     samples = Path(cache) / "samples"
-    kept = [p for p in (samples.iterdir() if samples.is_dir() else []) if not p.name.endswith(kd.TMP_SUFFIX)
-            and kd.sample_file_problem(str(p), fingerprint, int(p.stem)) is None]
+    kept = [p for p in (samples.iterdir() if samples.is_dir() else [])
+            if not p.name.endswith(atomic_files.TMP_SUFFIX)
+            and cache_format.sample_file_problem(str(p), fingerprint, int(p.stem)) is None]
     return [str(p) for p in kept if not same_file(p, Path(reference) / "samples" / p.name)]
 
 
 def rerun_damage(rerun, target, reference, generation):
-    """What a completed rerun got wrong: cache files differing from the reference's, or differing log lines."""
+    """What a completed rerun got wrong: cache files differing from the reference's, or differing log
+    lines."""
     if rerun.returncode != 0:
         return [f"the rerun failed ({rerun.returncode})"]
     if generation:
@@ -466,7 +416,8 @@ def disk_full(trials, rng, work, reference, train_reference, tmpfs):
             kib = rng.randint(8, 420) if generation else rng.randint(16, 2400)
             disk = SmallDisk(folder, kib)
             disk.mount()
-        else:  # a limit below the largest file: a sample 64 KiB, a checkpoint's model and optimizer shard 730 KiB
+        else:  # a limit below the largest file: a sample 64 KiB,
+            # a checkpoint's model and optimizer shard 730 KiB
             kib = rng.randint(1, 63) if generation else rng.randint(1, 720)
             disk = None
         try:
@@ -486,7 +437,8 @@ def disk_full(trials, rng, work, reference, train_reference, tmpfs):
         outcome.clear += clear
         outcome.survived += not lost
         outcome.lost += len(lost)
-        last = failed.stderr.strip().splitlines()[-1] if failed.stderr.strip() else f"exit {failed.returncode}"
+        last = (failed.stderr.strip().splitlines()[-1] if failed.stderr.strip()
+                else f"exit {failed.returncode}")
         report(outcome, trial, f"{kind} {kib} KiB: {last}", lost + ([] if clear else ["no clear error"]))
         shutil.rmtree(folder, ignore_errors=True)
     return outcome
@@ -497,7 +449,7 @@ def disk_full(trials, rng, work, reference, train_reference, tmpfs):
 
 
 def flat_fields(defaults, prefix=""):
-    """{dotted field: default} of every leaf of kd.DEFAULTS."""
+    """{dotted field: default} of every leaf of config.DEFAULTS."""
     out = {}
     for key, value in defaults.items():
         path = f"{prefix}{key}"
@@ -506,21 +458,21 @@ def flat_fields(defaults, prefix=""):
 
 
 def wrong_types(default):
-    """Values of the wrong type for a field whose default is `default` (kd.Opt for optional fields)."""
-    import kd
+    """Values of the wrong type for a field whose default is `default` (config.Opt for optional fields)."""
 
-    kind = default.kind if isinstance(default, kd.Opt) else type(default)
+    kind = default.kind if isinstance(default, config.Opt) else type(default)
     values = {bool: ["yes please", 1, 0.5, [True], {"on": True}, None],
               int: [4.5, "ten", True, [1], {"n": 1}, None],
               float: ["high", True, [1.0], {"x": 1.0}, None, "1e-3e"],
               str: [3, 4.5, True, ["a"], {"a": "b"}, None],
               list: ["999, 0", 5, {"a": 1}, None, True]}[kind]
-    return [v for v in values if v is not None or not isinstance(default, kd.Opt)]  # None is valid for optional ones
+    # None is valid for optional ones
+    return [v for v in values if v is not None or not isinstance(default, config.Opt)]
 
 
 OUT_OF_RANGE = {
-    "method.t_list": [[1001, 0], [999, 999, 0], [999, 500], [500, 999, 0], [999, float("nan"), 0], [999, 940, 0],
-                      [999, -1], [999, float("inf"), 0], [], [999, "a", 0], [True, 0]],
+    "method.t_list": [[1001, 0], [999, 999, 0], [999, 500], [500, 999, 0], [999, float("nan"), 0],
+                      [999, 940, 0], [999, -1], [999, float("inf"), 0], [], [999, "a", 0], [True, 0]],
     "method.student_sample_steps": [-1, 0, 99],
     "method.teacher_guidance_scale": [-1.0, float("nan"), float("inf")],
     "method.teacher_inference_steps": [0, -3, 10**6, 10**30],
@@ -544,10 +496,12 @@ OUT_OF_RANGE = {
     "training.betas": [[1.0, 0.9], [0.9], [-0.1, 0.9], [0.9, 0.999, 0.5], [False, 0.99], ["a", 0.9]],
     "training.lr_schedule": ["linear", ""], "training.resume": ["sometimes", "/nonexistent/checkpoint-5"],
 }
-REQUIRED = ["models.student", "models.student.init_from", "models.teacher.init_from", "method.teacher_path_cache"]
+REQUIRED = ["models.student", "models.student.init_from", "models.teacher.init_from",
+            "method.teacher_path_cache"]
 NEEDS_LOCAL_TEACHER = {22, 60, 70}  # video sizes checked against the VAE's factors: not offline for a hub id
 FILE_TEXTS = [b"[1, 2, 3]\n", b"models: {student: [\n", b"\xff\xfe garbage", b"- just\n- a list\n",
-              b"method: !!python/object/apply:os.system [echo hi]\n", b"models:\n  student:\n\tinit_from: x\n"]
+              b"method: !!python/object/apply:os.system [echo hi]\n",
+              b"models:\n  student:\n\tinit_from: x\n"]
 
 
 def set_field(raw, field, value, delete=False):
@@ -580,8 +534,9 @@ def path_mutations(scratch):
     (not_a_model / "vae").mkdir(parents=True, exist_ok=True)
     return [("data.prompts", "/nonexistent/prompts.txt"), ("data.prompts", str(scratch)),
             ("data.prompts", str(binary)), ("data.prompts", str(empty)),
-            ("models.student.init_from", "/nonexistent/student"), ("models.student.init_from", str(plain_file)),
-            ("models.student.init_from", str(not_a_model)), ("models.teacher.init_from", "./missing/teacher/dir"),
+            ("models.student.init_from", "/nonexistent/student"),
+            ("models.student.init_from", str(plain_file)), ("models.student.init_from", str(not_a_model)),
+            ("models.teacher.init_from", "./missing/teacher/dir"),
             ("models.teacher.init_from", str(not_a_model)), ("models.teacher.init_from", str(plain_file)),
             ("method.teacher_path_cache", str(plain_file)), ("training.output_dir", str(plain_file)),
             ("training.resume", str(not_a_model))]
@@ -589,9 +544,8 @@ def path_mutations(scratch):
 
 def mutation(raw, local_teacher, rng, paths):
     """(mutated raw config, or the bytes of a config file; the field the error must name; a description)."""
-    import kd
 
-    fields = flat_fields(kd.DEFAULTS)
+    fields = flat_fields(config.DEFAULTS)
     kind = rng.choice(["unknown key", "wrong type", "out of range", "missing", "wrong path", "structure"])
     raw = copy.deepcopy(raw)
     if kind == "unknown key":
@@ -633,12 +587,12 @@ def mutation(raw, local_teacher, rng, paths):
 def names_field(message, field):
     """Whether a one-line message names the dotted field (or its last part, as the seed's messages do)."""
     leaf = field.split(".")[-1]
-    return "\n" not in message and (field in message or re.search(rf"(?<![\w-]){re.escape(leaf)}(?![\w-])", message)
+    return "\n" not in message and (field in message
+                                    or re.search(rf"(?<![\w-]){re.escape(leaf)}(?![\w-])", message)
                                     is not None)
 
 
 def config_fuzz(trials, rng, work):
-    import kd
     import yaml
 
     outcome = Outcome("5. config fuzzing (4 shipped configs)")
@@ -659,8 +613,8 @@ def config_fuzz(trials, rng, work):
         outcome.trials += 1
         outcome.bad_inputs += 1
         try:
-            kd.check_paths(kd.load_config(path))
-        except kd.ConfigError as e:
+            config.check_paths(config.load_config(path))
+        except errors.ConfigError as e:
             if names_field(str(e), field):
                 outcome.clear += 1
                 outcome.survived += 1
@@ -686,8 +640,8 @@ def config_fuzz(trials, rng, work):
 
 
 def train_poisoned(argv, step, where):
-    """kd.main on `argv` with a trainer that puts a NaN into the batch (x0) or the weights at optimizer step `step`."""
-    import kd
+    """kd.main on `argv` with a trainer that puts a NaN into the batch (x0) or the weights at optimizer step
+    `step`."""
     import torch
 
     class Poisoned(kd.KDTrainer):
@@ -700,7 +654,7 @@ def train_poisoned(argv, step, where):
                     next(self.model.parameters()).to_local().view(-1)[0] = float("nan")
             return result
 
-    kd.run_cli(lambda args: kd.main(args, Poisoned), argv)
+    errors.run_cli(lambda args: kd.main(args, Poisoned), argv)
 
 
 def non_finite(trials, rng, work, cache):
@@ -776,12 +730,11 @@ def main():
 
 
 def reference_cache(cache):
-    """Generate the uninterrupted cache in this process; returns the seconds it took (about a run's writing phase)."""
-    import generate_cache
-    import kd
+    """Generate the uninterrupted cache in this process; returns the seconds it took (about a run's writing
+    phase)."""
 
     began = time.time()
-    quietly(generate_cache.generate_cache, kd.load_config(TINY, overrides(cache)))
+    quietly(generate_cache.generate_cache, config.load_config(TINY, overrides(cache)))
     return time.time() - began
 
 
@@ -802,7 +755,8 @@ def campaign(trials, rng, work, quick):
     references = {}
     for ranks in (1,) if quick else (1, 2):
         out = work / f"reference_run_{ranks}"
-        seconds = timed_run(command("kd.py", [TINY, *train_overrides(reference, out)], ranks), out / "metrics.jsonl")
+        seconds = timed_run(command("kd.py", [TINY, *train_overrides(reference, out)], ranks),
+                            out / "metrics.jsonl")
         references[ranks] = (out, seconds)
     tmpfs = SmallDisk.available(work)
     print(f"  ({time.time() - began:.0f} s)", flush=True)

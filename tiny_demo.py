@@ -3,35 +3,40 @@
     python tiny_demo.py                         # builds tiny_models/wan-tiny-demo-teacher and -student
     python tiny_demo.py --out DIR               # elsewhere
 
-configs/tiny.yaml uses these models and kd.ensure_model_dir builds them on first use, so the README's tiny command
-needs no separate step. What it builds:
+configs/tiny.yaml uses these models, and the scripts' entry points build them on first use
+(build_missing_models), so the README's tiny command needs no separate step. The random tiny models of the
+tests and bench.py (RANDOM_MODELS) are built the same way. What the demo builds:
 
-- A procedural video world: one coloured shape (4 colours x 2 shapes, 3x3 cells of 8 pixels) on a dark 64x64 frame,
-  21 frames, moving one cell every 2 latent frames in one of 4 directions; the prompt names all three ("a red
-  square moving left"). The pre-training set draws VIDEOS_PER_PROMPT start cells per prompt.
-- A latent codec packaged as a real diffusers `AutoencoderKLWan` (what WanPipeline and the previews load): fixed
-  weights that average each 8x8 pixel block over its 4 frames (the first frame alone, as Wan's causal VAE does)
-  and embed its RGB, minus the background, in the 16 latent channels through a fixed orthonormal 16x3 matrix; the
-  decoder maps back and repeats each cell over its pixels and frames. On this world it is exact: decode(encode(v))
-  equals v. Its `latents_mean`/`latents_std` are the encoded dataset's per-channel statistics, used as Wan's are.
+- A procedural video world: one coloured shape (4 colours x 2 shapes, 3x3 cells of 8 pixels) on a dark 64x64
+  frame, 21 frames, moving one cell every 2 latent frames in one of 4 directions; the prompt names all three
+  ("a red square moving left"). The pre-training set draws VIDEOS_PER_PROMPT start cells per prompt.
+- A latent codec packaged as a real diffusers `AutoencoderKLWan` (what WanPipeline and the previews load):
+  fixed weights that average each 8x8 pixel block over its 4 frames (the first frame alone, as Wan's causal
+  VAE does) and embed its RGB, minus the background, in the 16 latent channels through a fixed orthonormal
+  16x3 matrix; the decoder maps back and repeats each cell over its pixels and frames. On this world it is
+  exact: decode(encode(v)) equals v. Its `latents_mean`/`latents_std` are the encoded dataset's per-channel
+  statistics, used as Wan's are.
 - A seeded flow-matching pre-training (Wan's parameterisation: x_t = (1-s)x0 + s*eps, target v = eps - x0,
   uniform s) of the teacher transformer on the normalised latents, with 10% of prompts replaced by the
   empty prompt so classifier-free guidance has an unconditional model. The student starts from the teacher's
   weights, as Self-Forcing's ODE initialisation starts its 1.3B student from the 1.3B model that made the
   trajectories; distillation teaches it the teacher's guided 48-step result in a few unguided steps.
 
-Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD scripts
-and export.py expect. The build is deterministic given the seed on a given machine and thread count.
+Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD
+scripts and export.py expect. The build is deterministic given the seed on a given machine and thread count.
 """
 
 import argparse
+import fcntl
 import os
+import shutil
 import sys
 import time
 
 import torch
 
-import kd
+from flow_matching import NUM_TRAIN_TIMESTEPS, add_noise
+from teacher import encode_prompt, pad_embeds
 
 COLOURS = {  # RGB in the VAE's pixel range [-1, 1]
     "red": (0.9, -0.8, -0.8),
@@ -43,9 +48,11 @@ SHAPES = {  # 3x3 latent cells
     "square": ((1, 1, 1), (1, 1, 1), (1, 1, 1)),
     "cross": ((0, 1, 0), (1, 1, 1), (0, 1, 0)),
 }
-DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (row, column) per latent frame
+# (row, column) per latent frame
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 BACKGROUND = -0.8  # dark grey, every channel
-NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 21, 64, 8, 4  # configs/tiny.yaml's video; the Wan VAE's 8x spatial, 4x time
+# configs/tiny.yaml's video; the Wan VAE's 8x spatial, 4x time
+NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 21, 64, 8, 4
 LATENT_FRAMES, GRID = (NUM_FRAMES - 1) // TIME_FACTOR + 1, SIZE // CELL  # 6, 8
 SHAPE_CELLS = 3
 STEP_FRAMES = 2  # the shape moves one latent cell (8 pixels) every 2 latent frames (8 video frames)
@@ -56,11 +63,138 @@ DEMO_MODELS = {  # transformer size and pre-training of each demo model, or the 
     "wan-tiny-demo-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=11, steps=2500),
     "wan-tiny-demo-student": dict(copy_of="wan-tiny-demo-teacher"),
 }
-CFG_DROPOUT = 0.1  # fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
-NEGATIVE_PROMPT = ""  # configs/tiny.yaml's method.teacher_negative_prompt: what the unconditional model was taught
+# fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
+CFG_DROPOUT = 0.1
+# configs/tiny.yaml's method.teacher_negative_prompt: what the unconditional model was taught
+NEGATIVE_PROMPT = ""
 BATCH_SIZE, LR = 16, 3e-3
 MAX_SEQUENCE_LENGTH = 16  # configs/tiny.yaml's pipeline.max_sequence_length: the prompts are 6 tokens
 FLOW_SHIFT = 5.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Random tiny models (tests, faults.py, bench.py) and building any tiny model on first use
+
+RANDOM_MODELS = {  # offline random Wan pipelines, built on first use at any path ending in these names
+    "wan-tiny-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=1),
+    "wan-tiny-student": dict(layers=2, heads=2, head_dim=12, ffn_dim=48, seed=2),
+    # bench.py: compute dominates
+    "wan-bench-small": dict(layers=2, heads=4, head_dim=64, ffn_dim=1024, seed=3),
+}
+RANDOM_TINY_SETTINGS = [  # overrides for the random models (configs/tiny.yaml is tuned for the demo models)
+    "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
+]
+REPO = os.path.dirname(os.path.abspath(__file__))
+TEXT_DIM = 32  # d_model of the tiny UMT5 (must be shared by tiny teacher and student)
+RANDOM_CORPUS = (  # the tiny byte-level BPE tokenizer is trained on these words; any text still tokenizes
+    "a cat walks along the beach at sunset while waves roll in slowly. a drone flies over snowy mountains "
+    "and a quiet river in the forest. a red car drives through a rainy city street at night with neon "
+    "lights. "
+    "two dogs play with a ball in a green park; children laugh. close-up of coffee poured into a white cup."
+)
+
+
+def tiny_tokenizer(corpus=RANDOM_CORPUS):
+    """A byte-level BPE tokenizer trained on `corpus` (any text still tokenizes), with UMT5's special tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([corpus] * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def tiny_text_encoder(vocab_size):
+    """A random 2-layer UMT5 encoder of width TEXT_DIM (drawn from the global RNG)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        )
+    )
+
+
+def make_random_wan(path, layers, heads, head_dim, ffn_dim, seed):
+    """Write a complete random Wan diffusers directory (transformer, UMT5, tokenizer, VAE, scheduler) to
+    `path`."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = tiny_text_encoder(len(tokenizer))
+    transformer = WanTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=ffn_dim, num_layers=layers, rope_max_seq_len=64,
+    )
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=5.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+    pipe.save_pretrained(path)
+
+
+def random_tiny_overrides(cache_dir):
+    """configs/tiny.yaml overrides for the random tiny teacher and student (absolute paths), the example
+    prompts and the cache `cache_dir`: the setting of the tests and faults.py."""
+    return [f"models.student.init_from={REPO}/tiny_models/wan-tiny-student",
+            f"models.teacher.init_from={REPO}/tiny_models/wan-tiny-teacher",
+            f"data.prompts={REPO}/prompts/example.txt", f"method.teacher_path_cache={cache_dir}",
+            *RANDOM_TINY_SETTINGS]
+
+
+def build_missing_models(cfg):
+    """Build every tiny model that cfg names and that does not exist yet: the one place the scripts build
+    them.
+
+    Call it before torch.distributed is initialised (transformers' save_pretrained writes only on rank 0 of a
+    process group); ranks and concurrent runs wait for one builder on a file lock."""
+    for section in (cfg.models.student, cfg.models.teacher):
+        if section is not None:
+            ensure_model_dir(section.init_from)
+
+
+def ensure_model_dir(init_from):
+    """`init_from` itself; a missing path named after a tiny model is built first (atomically, by one
+    process).
+
+    The demo models are built together (they share text encoder, VAE and the encoded data set) next to each
+    other."""
+    name = os.path.basename(os.path.normpath(init_from))
+    if (name not in RANDOM_MODELS and name not in DEMO_MODELS) or os.path.exists(init_from):
+        return init_from
+    folder = os.path.dirname(os.path.normpath(init_from)) or "."
+    group = tuple(DEMO_MODELS) if name in DEMO_MODELS else (name,)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{group[0]}.lock"), "w") as lock:
+        # ranks and concurrent runs wait for one builder (the demo takes minutes)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        missing = [n for n in group if not os.path.exists(os.path.join(folder, n))]
+        if name in missing:
+            tmp = {n: os.path.join(folder, f"{n}.tmp{os.getpid()}") for n in missing}
+            for path in tmp.values():
+                shutil.rmtree(path, ignore_errors=True)
+            if name in DEMO_MODELS:
+                build(tmp)
+            else:
+                make_random_wan(tmp[name], **RANDOM_MODELS[name])
+            for n, path in tmp.items():
+                os.rename(path, os.path.join(folder, n))
+    return init_from
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,9 +213,11 @@ def parse_prompt(prompt):
 
 
 def shape_cells(direction, start):
-    """Top-left latent cell (row, column) of the shape in each latent frame: one cell further every STEP_FRAMES."""
+    """Top-left latent cell (row, column) of the shape in each latent frame: one cell further every
+    STEP_FRAMES."""
     dr, dc = DIRECTIONS[direction]
-    return [(start[0] + dr * (k // STEP_FRAMES), start[1] + dc * (k // STEP_FRAMES)) for k in range(LATENT_FRAMES)]
+    return [(start[0] + dr * (k // STEP_FRAMES), start[1] + dc * (k // STEP_FRAMES))
+            for k in range(LATENT_FRAMES)]
 
 
 def start_cells(direction):
@@ -111,7 +247,8 @@ def shape_video(prompt, start):
 
 
 def demo_videos(per_prompt=VIDEOS_PER_PROMPT, seed=0):
-    """(videos [N, 3, F, H, W], prompts [N]): each prompt from `per_prompt` start cells drawn without replacement."""
+    """(videos [N, 3, F, H, W], prompts [N]): each prompt from `per_prompt` start cells drawn without
+    replacement."""
     g = torch.Generator().manual_seed(seed)
     pairs = []
     for prompt in demo_prompts():
@@ -121,18 +258,19 @@ def demo_videos(per_prompt=VIDEOS_PER_PROMPT, seed=0):
 
 
 def detect(video):
-    """(colour, direction) seen in a decoded video [3, F, H, W] in [-1, 1], or (None, None) when no shape shows.
+    """(colour, direction) seen in a decoded video [3, F, H, W] in [-1, 1], or (None, None) when no shape
+    shows.
 
-    The colour is the palette entry nearest the mean of the pixels that differ from the background; the direction
-    is the sign of the largest displacement of their centroid between the first and last frames.
-    """
+    The colour is the palette entry nearest the mean of the pixels that differ from the background; the
+    direction is the sign of the largest displacement of their centroid between the first and last frames."""
     foreground = (video - BACKGROUND).abs().amax(0) > 0.4  # [F, H, W]
     first, last = foreground[0], foreground[-1]
     if foreground.sum() < CELL * CELL or not first.any() or not last.any():
         return None, None
     mean = video.permute(1, 2, 3, 0)[foreground].mean(0)  # [3]
     colour = min(COLOURS, key=lambda c: float((torch.tensor(COLOURS[c]) - mean).pow(2).sum()))
-    rows, cols = torch.arange(SIZE, dtype=torch.float32)[:, None], torch.arange(SIZE, dtype=torch.float32)[None]
+    rows, cols = (torch.arange(SIZE, dtype=torch.float32)[:, None],
+                  torch.arange(SIZE, dtype=torch.float32)[None])
 
     def centroid(mask):
         return (rows * mask).sum() / mask.sum(), (cols * mask).sum() / mask.sum()
@@ -151,17 +289,19 @@ _CONSTANT = 1e4  # a constant channel before each output RMS norm, so it divides
 
 
 def latent_embedding():
-    """[16, 3]: orthonormal columns, the fixed map from a cell's RGB (minus background) to its latent channels."""
+    """[16, 3]: orthonormal columns, the fixed map from a cell's RGB (minus background) to its latent
+    channels."""
     g = torch.Generator().manual_seed(TEXT_SEED)
     q, _ = torch.linalg.qr(torch.randn(16, 3, generator=g, dtype=torch.float64))
     return q.float()
 
 
 def codec_vae(latents_mean=None, latents_std=None):
-    """AutoencoderKLWan whose encoder averages 8x8x4 blocks into E @ (rgb - background) and whose decoder inverts it.
+    """AutoencoderKLWan whose encoder averages 8x8x4 blocks into E @ (rgb - background) and whose decoder
+    inverts it.
 
-    Every residual and attention branch is zero (identity blocks); the only nonlinear step, RMS norm + SiLU before
-    each conv_out, is made linear by a large constant channel and an offset (see _CONSTANT, _OFFSET).
+    Every residual and attention branch is zero (identity blocks); the only nonlinear step, RMS norm + SiLU
+    before each conv_out, is made linear by a large constant channel and an offset (see _CONSTANT, _OFFSET).
     """
     from diffusers import AutoencoderKLWan
 
@@ -198,7 +338,8 @@ def codec_vae(latents_mean=None, latents_std=None):
                     for c in rgb:
                         resnet.conv_shortcut.weight[c, c, 0, 0, 0] = 1
             for up in block.upsamplers or []:
-                for c in rgb:  # nearest-neighbour 2x, then the centre tap; time: both frames copy the current one
+                # nearest-neighbour 2x, then the centre tap; time: both frames copy the current one
+                for c in rgb:
                     up.resample[1].weight[c, c, 1, 1] = 1
                     if hasattr(up, "time_conv"):
                         up.time_conv.weight[c, c, 2, 0, 0] = 1
@@ -211,7 +352,8 @@ def codec_vae(latents_mean=None, latents_std=None):
 
 
 def _linear_head(last_resnet, norm_out):
-    """Bias the last residual block so norm_out + SiLU pass channels 0-2 through plus _OFFSET (undone by conv_out)."""
+    """Bias the last residual block so norm_out + SiLU pass channels 0-2 through plus _OFFSET (undone by
+    conv_out)."""
     dim = norm_out.gamma.shape[0]
     last_resnet.conv2.bias[:3] = _OFFSET
     last_resnet.conv2.bias[dim - 1] = _CONSTANT
@@ -231,7 +373,8 @@ def latent_stats(vae):
 
 
 def fitted_codec(videos):
-    """(codec_vae with latents_mean/std fitted to the encoded `videos`, their normalised latents [N, 16, 6, 8, 8])."""
+    """(codec_vae with latents_mean/std fitted to the encoded `videos`, their normalised latents [N, 16, 6, 8,
+    8])."""
     latents = encode(codec_vae(), videos)
     mean = [round(float(m), 6) for m in latents.mean(dim=(0, 2, 3, 4))]
     std = [round(float(s), 6) for s in latents.std(dim=(0, 2, 3, 4))]
@@ -245,20 +388,18 @@ def fitted_codec(videos):
 
 
 def prompt_embeddings(encoder, tokenizer, prompts):
-    """{prompt: [MAX_SEQUENCE_LENGTH, D]} as the KD scripts condition the teacher (real tokens, then zero rows)."""
-    import generate_cache
-
+    """{prompt: [MAX_SEQUENCE_LENGTH, D]} as the KD scripts condition the teacher (real tokens, then zero
+    rows)."""
     n = MAX_SEQUENCE_LENGTH
-    return {p: kd.pad_embeds(generate_cache.encode_prompt(encoder, tokenizer, p, n, torch.device("cpu")), n)
-            for p in prompts}
+    return {p: pad_embeds(encode_prompt(encoder, tokenizer, p, n, torch.device("cpu")), n) for p in prompts}
 
 
 def pretrain(transformer, latents, embeds, steps, seed, log=None):
     """Flow-matching pre-training on (latents [N, C, F, H, W], per-sample prompt embeddings [N, L, D])."""
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=LR, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) *
-                                                 0.5 * (1 + torch.cos(torch.tensor(s / steps * torch.pi)).item()))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 *
+                                                 (1 + torch.cos(torch.tensor(s / steps * torch.pi)).item()))
     empty = embeds["uncond"]
     transformer.train()
     for step in range(steps):
@@ -267,10 +408,11 @@ def pretrain(transformer, latents, embeds, steps, seed, log=None):
         context = embeds["cond"][idx].clone()  # [B, L, D]
         drop = torch.rand(BATCH_SIZE, generator=g) < CFG_DROPOUT
         context[drop] = empty
-        sigma = torch.rand(BATCH_SIZE, generator=g)  # uniform: the low noise levels that draw the shape get their share
+        # uniform: the low noise levels that draw the shape get their share
+        sigma = torch.rand(BATCH_SIZE, generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        x_t = kd.add_noise(x0, eps, sigma.view(-1, 1, 1, 1, 1))
-        v = transformer(x_t, sigma * kd.NUM_TRAIN_TIMESTEPS, context, return_dict=False)[0]
+        x_t = add_noise(x0, eps, sigma.view(-1, 1, 1, 1, 1))
+        v = transformer(x_t, sigma * NUM_TRAIN_TIMESTEPS, context, return_dict=False)[0]
         loss = (v - (eps - x0)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,7 +425,7 @@ def pretrain(transformer, latents, embeds, steps, seed, log=None):
 
 
 def log_line(text):
-    print(text, file=sys.stderr, flush=True)  # stderr: shown when kd.ensure_model_dir builds in a subprocess
+    print(text, file=sys.stderr, flush=True)  # stderr: the scripts' stdout is their own report
 
 
 def build(paths, log=log_line):
@@ -301,8 +443,8 @@ def _build(paths, log):
 
     start = time.perf_counter()
     torch.manual_seed(TEXT_SEED)
-    tokenizer = kd._tiny_tokenizer(" ".join(demo_prompts()))  # one token per word of the demo's prompts
-    text_encoder = kd._tiny_text_encoder(len(tokenizer)).eval()
+    tokenizer = tiny_tokenizer(" ".join(demo_prompts()))  # one token per word of the demo's prompts
+    text_encoder = tiny_text_encoder(len(tokenizer)).eval()
     videos, prompts = demo_videos()
     vae, latents = fitted_codec(videos)
     table = prompt_embeddings(text_encoder, tokenizer, demo_prompts() + [NEGATIVE_PROMPT])
@@ -319,7 +461,7 @@ def _build(paths, log):
             torch.manual_seed(spec["seed"])
             trained[name] = WanTransformer3DModel(
                 num_attention_heads=spec["heads"], attention_head_dim=spec["head_dim"], in_channels=16,
-                out_channels=16, text_dim=kd.TINY_TEXT_DIM, freq_dim=32, ffn_dim=spec["ffn_dim"],
+                out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=spec["ffn_dim"],
                 num_layers=spec["layers"], rope_max_seq_len=64,
             )
             log(f"pre-training {name} ({sum(p.numel() for p in trained[name].parameters())} parameters, "
@@ -336,8 +478,9 @@ def _build(paths, log):
 
 
 def write_prompts(path, repeats=8, seed=0):
-    """The demo's prompts file: every prompt `repeats` times, each round in a seeded order (so the last lines, the
-    held-out eval samples, differ in colour, shape and direction); sample i is line i, with its own noise seed."""
+    """The demo's prompts file: every prompt `repeats` times, each round in a seeded order (so the last lines,
+    the held-out eval samples, differ in colour, shape and direction); sample i is line i, with its own noise
+    seed."""
     g = torch.Generator().manual_seed(seed)
     prompts = demo_prompts()
     with open(path, "w") as f:
@@ -353,7 +496,7 @@ def main(argv):
     if all(os.path.exists(path) for path in paths):
         print(f"{' and '.join(paths)} exist; delete them to rebuild")
     for path in paths:
-        kd.ensure_model_dir(path)
+        ensure_model_dir(path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Wan's flow matching, and where the student's timesteps fall on the teacher's grid.
+
+Wan predicts the velocity v = eps - x0 of x_t = (1 - sigma) * x0 + sigma * eps, with timestep = 1000 * sigma.
+The teacher integrates that ODE with Euler steps over a shifted sigma grid; the student's `t_list` entries are
+matched to points of that grid once (`teacher_grid`), and everything else reads that one match.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from errors import ConfigError
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shifted_sigmas(num_steps, shift):
+    """The teacher's sigma grid [num_steps], 1 first, 0 excluded, float64 (Wan's and Self-Forcing's)."""
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def add_noise(x0, noise, sigma):
+    """x_t = (1 - sigma) * x0 + sigma * noise."""
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def x0_from_velocity(x_t, v, sigma):
+    """The clean latent x0 = x_t - sigma * v that a velocity v predicts."""
+    return x_t - sigma * v
+
+
+def euler_step(x_t, v, sigma, sigma_next):
+    """One ODE step dx/dsigma = v from sigma to sigma_next (< sigma)."""
+    return x_t + (sigma_next - sigma) * v
+
+
+@dataclass(frozen=True)
+class TeacherGrid:
+    """The teacher's grid and the student's place on it.
+
+    sigmas: the teacher's N sigmas (1 first); matched: the grid step of each t_list entry but the final 0 [K];
+    recorded: the steps whose pre-step state the cache keeps (the matched ones, or all N).
+    """
+
+    sigmas: tuple
+    matched: tuple
+    recorded: tuple
+
+    @property
+    def timesteps(self):
+        """The timesteps the cache records, one per kept state, 0 last, as float32 values."""
+        grid = [self.sigmas[i] * NUM_TRAIN_TIMESTEPS for i in self.recorded]
+        return torch.tensor(grid + [0.0], dtype=torch.float32).tolist()
+
+    @property
+    def positions(self):
+        """Position on a cached file's state axis of each t_list entry but the final 0 [K]."""
+        return [self.recorded.index(i) for i in self.matched]
+
+    @property
+    def student_sigmas(self):
+        """The matched sigma of each t_list entry but the final 0 [K], from the recorded float32 timesteps."""
+        timesteps = self.timesteps
+        return [timesteps[p] / NUM_TRAIN_TIMESTEPS for p in self.positions]
+
+
+def teacher_grid(cfg):
+    """cfg's TeacherGrid (ConfigError for a t_list entry beyond method.t_list_tolerance from the grid)."""
+    m = cfg.method
+    return _teacher_grid(tuple(m.t_list), m.teacher_inference_steps, cfg.pipeline.flow_shift,
+                         m.t_list_tolerance, m.keep_full_trajectory)
+
+
+@functools.lru_cache(maxsize=64)  # validation, the cache and the trainer all read the one match of a config
+def _teacher_grid(t_list, num_steps, shift, tolerance, keep_full_trajectory):
+    matched = tuple(match_t_list(t_list, num_steps, shift, tolerance))
+    recorded = tuple(range(num_steps)) if keep_full_trajectory else matched
+    return TeacherGrid(tuple(shifted_sigmas(num_steps, shift).tolist()), matched, recorded)
+
+
+def match_t_list(t_list, num_steps, shift, tolerance):
+    """Teacher-grid step index of each t_list entry but the final 0; an entry farther than `tolerance` is an
+    error."""
+    grid = shifted_sigmas(num_steps, shift) * NUM_TRAIN_TIMESTEPS
+    indices = []
+    for t in t_list[:-1]:
+        distance = (grid - t).abs()
+        i = int(distance.argmin())
+        if distance[i] > tolerance:
+            near = sorted(range(num_steps), key=lambda j: float(distance[j]))[:3]
+            values = ", ".join(f"{float(grid[j]):.2f} (step {j})" for j in sorted(near))
+            raise ConfigError(
+                f"method.t_list entry {t} is {float(distance[i]):.2f} timesteps from the teacher's grid "
+                f"({num_steps} steps, flow_shift {shift}); nearest grid values: {values}; "
+                f"tolerance is method.t_list_tolerance={tolerance}"
+            )
+        indices.append(i)
+    return indices

@@ -1,0 +1,100 @@
+"""Test and benchmark scaffolding: the scripts run as real subprocesses (torchrun for several ranks), and
+killed.
+
+Shared by test_kd.py, faults.py and bench.py.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+
+def command(script, args, ranks=1, file_limit_kib=None):
+    """argv of `script` on `ranks` processes (torchrun when more than one), under bash's `ulimit -f` when
+    given."""
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                if ranks > 1 else [])
+    cmd = [sys.executable, *launcher, str(script), *map(str, args)]
+    if file_limit_kib is None:
+        return cmd
+    return ["bash", "-c", f'ulimit -f {file_limit_kib} && exec "$@"', "bash", *cmd]
+
+
+def environment():
+    """One thread per process, as the subprocess ranks and the in-process references must compute the same
+    floats."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run(cmd, timeout=600):
+    """subprocess.run of `cmd` in the repository, output captured as text."""
+    return subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(script, *args, ranks=1, check=True):
+    """Run a script of this repository on `ranks` processes; with `check`, a failure raises with its output.
+    """
+    cmd = command(script, args, ranks)
+    proc = run(cmd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def start(cmd):
+    """Popen of `cmd` in the repository, output discarded."""
+    return subprocess.Popen(cmd, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def wait_for(path, proc, timeout=300):
+    """Poll until `path` exists; False if the process ended or `timeout` seconds passed first."""
+    deadline = time.time() + timeout
+    while not Path(path).exists():
+        if proc.poll() is not None or time.time() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def process_tree(pid):
+    """`pid` and every process below it (torchrun starts its ranks in new sessions, out of reach of killpg).
+    """
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the command name in parentheses may hold spaces
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def signal_all(pids, sig):
+    """Send `sig` to each of `pids` that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill(proc):
+    """SIGKILL the process and all its descendants at one moment, as a pre-empted node does.
+
+    The tree is stopped first, so that no process can start a child between listing and killing; an orphaned
+    rank would otherwise go on writing into the run being resumed.
+    """
+    signal_all(process_tree(proc.pid), signal.SIGSTOP)
+    signal_all(process_tree(proc.pid), signal.SIGKILL)
+    proc.wait()
