@@ -136,8 +136,9 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
                                      "not finite; nothing was written for it")
         write_sample(sample_path(cache_dir, i), states[0].to(dtype).cpu(), timesteps, embeds[i],
                      {"prompt": prompts[i], "seed": seed, "index": i, "format_version": CACHE_FORMAT_VERSION})
-        if rank == 0:  # the bar counts every rank's files, so it shows the global rate and ETA
-            # a few stats per sample, even for a huge cache on a network FS
+        # The bar counts every rank's files, so it shows the global rate and ETA: a few stats per sample on
+        # rank 0, even for a huge cache on a network file system.
+        if rank == 0:
             for r, queue in enumerate(queues):
                 while written[r] < len(queue) and os.path.exists(sample_path(cache_dir, queue[written[r]])):
                     written[r] += 1

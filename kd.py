@@ -235,10 +235,10 @@ class KDTrainer:
         self.t_list = [float(t) for t in cfg.method.t_list]
         self.num_steps = len(self.t_list) - 1  # K
         self.t_values = torch.tensor(self.t_list[:-1], device=device)  # [K] as written, for conditioning
-        # [K] matched, for x0 = x_t - sigma*v
+        # [K] the matched grid sigmas, for x0 = x_t - sigma * v
         self.sigmas = torch.tensor(self.grid.student_sigmas, device=device)
         self.next_sigmas = torch.cat([self.sigmas[1:], self.sigmas.new_zeros(1)])
-        # of a non-finite loss or gradient norm
+        # the first step whose loss or gradient norm was not finite (inf: none so far)
         self.first_bad_step = torch.tensor(float("inf"), device=device)
         self.step, self.vae, self.wandb = 0, None, None
 
@@ -355,7 +355,7 @@ class KDTrainer:
         """Held-out KD loss per t_list entry; the student's K-step rollout error against the teacher's x0."""
         self.model.eval()
         K = self.num_steps
-        # [K per-entry losses, rollout error]
+        # [K per-entry losses, then the rollout error]
         sums = torch.zeros(K + 1, device=self.device, dtype=torch.float64)
         for index, weight in self.rank_share(self.eval_indices):
             states, x0, embeds = self.load_eval_sample(index)
@@ -547,7 +547,7 @@ class KDTrainer:
         batches = iter(self.data_loader(start=self.step * t.grad_accum_steps))
         bar = tqdm(total=t.max_steps, initial=self.step, disable=self.rank != 0, desc="kd",
                    dynamic_ncols=True)
-        # per-entry loss sums, counts, grad norms
+        # [K per-entry loss sums, K counts, the grad-norm sum] since the last metrics line
         window = torch.zeros(2 * self.num_steps + 1, device=self.device)
         window_steps, window_start = 0, time.perf_counter()
         while self.step < t.max_steps:

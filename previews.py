@@ -32,8 +32,8 @@ def preview_strip(rows, num_frames=PREVIEW_FRAMES):
     """Image [H * len(rows), W * num_frames, 3] uint8: row r is video rows[r] [3, F, H, W] at evenly spaced
     frames."""
     frames = torch.linspace(0, rows[0].shape[1] - 1, num_frames).round().long().tolist()
-    # [3, H*R, W*n]
-    grid = torch.cat([torch.cat([video[:, f] for f in frames], dim=2) for video in rows], dim=1)
+    strips = [torch.cat([video[:, f] for f in frames], dim=2) for video in rows]  # each [3, H, W*n]
+    grid = torch.cat(strips, dim=1)  # [3, H*R, W*n]
     return to_uint8(grid).permute(1, 2, 0)
 
 

@@ -98,8 +98,8 @@ def _frame_model_forward(model, hidden_states, timestep, encoder_hidden_states, 
     p_t, p_h, p_w = model.config.patch_size
     rotary = model.rope(hidden_states)
     h = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
+    # temb [B, F, D], proj [B, F, 6D]: one time embedding per frame
     temb, proj, context, _ = model.condition_embedder(timestep.flatten(), encoder_hidden_states, None,
-                                                      # temb [B, F, D], proj [B, F, 6D]
                                                       timestep_seq_len=frames)
     proj = proj.unflatten(2, (6, -1))  # [B, F, 6, D]
     for block in model.blocks:
