@@ -15,11 +15,10 @@ TMP_SUFFIX = ".tmp"  # temporary files and checkpoint folders; never read as com
 
 
 def write_atomic(path, write):
-    """Run write(tmp_path), fsync it, then rename over `path`: a crash leaves either the old file or the new
-    one.
+    """Run write(tmp_path), fsync it, then rename over `path`: a crash leaves the old file or the new one.
 
-    A failed write (disk full, file-size limit) removes the temporary file and raises WriteError naming
-    `path`."""
+    A failed write (disk full, file-size limit) removes the temporary file and raises WriteError naming it.
+    """
     tmp = path + TMP_SUFFIX
     try:
         write(tmp)

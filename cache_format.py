@@ -48,8 +48,9 @@ def prompts_sha256(prompts):
 def cache_fingerprint(cfg, prompts=None, shape=None):
     """What a cache was made from; a cache whose fingerprint differs from the config's is refused.
 
-    Fields that cannot be known (no prompts file, no teacher to read the latent shape from) are None: not
-    compared."""
+    Fields that cannot be known (no prompts file, no teacher to read the latent shape from) are None and not
+    compared.
+    """
     m, p = cfg.method, cfg.pipeline
     return {
         "format_version": CACHE_FORMAT_VERSION,
@@ -147,8 +148,7 @@ def verified_tensor(tensor, expected, path, what):
 
 
 def read_negative_embeds(cache_dir):
-    """prompt_embeds [L, D] of the CFG negative prompt, verified against its checksum (CacheError naming the
-    file)."""
+    """prompt_embeds [L, D] of the CFG negative prompt, CRC32-verified (CacheError naming the file)."""
     path = negative_embeds_path(cache_dir)
     try:
         with safe_open(path, framework="pt") as f:
@@ -208,8 +208,7 @@ def sample_file_problem(path, fingerprint, index):
 
 
 def open_cache(cfg):
-    """The metadata of cfg's complete, matching cache (CacheError if it is incomplete or was made
-    differently)."""
+    """The metadata of cfg's complete, matching cache (CacheError if incomplete or made differently)."""
     cache_dir = cfg.method.teacher_path_cache
     if not os.path.exists(os.path.join(cache_dir, "COMPLETE")):
         raise CacheError(

@@ -23,8 +23,7 @@ TRAINER_STATE = "trainer_state.pt"
 
 
 def checkpoint_dirs(output_dir):
-    """{step: path} of the complete checkpoints, by step (temporary folders of interrupted saves are not
-    listed)."""
+    """{step: path} of the complete checkpoints, by step (never an interrupted save's folder)."""
     found = {}
     if os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
@@ -88,8 +87,7 @@ def save_checkpoint(output_dir, step, model, optimizer, trainer_state, keep, ran
 
 
 def checkpoint_to_resume(output_dir, resume, rank):
-    """The checkpoint folder training.resume asks for (auto: the highest complete one), or None to start
-    afresh.
+    """The checkpoint training.resume asks for (auto: the highest complete one), or None to start afresh.
 
     Rank 0 first removes the temporary folders of saves a crash interrupted."""
     if rank == 0 and os.path.isdir(output_dir):
@@ -110,8 +108,7 @@ def checkpoint_to_resume(output_dir, resume, rank):
 
 
 def load_checkpoint(path, model, optimizer, rank, device):
-    """Load model and optimizer (resharded to this world) and this rank's RNG state; returns the trainer
-    state."""
+    """Load model and optimizer (resharded to this world) and this rank's RNG; the trainer state."""
     state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -35,12 +35,10 @@ DEFAULTS = {
         "student": {  # required: the few-step model being distilled
             "init_from": Opt(str),  # hub id or local diffusers directory (transformer/ subfolder)
             "trainable": True,  # must be true
-            # full | block_causal: frame block b attends only to blocks <= b (self-attention)
-            "attention": "full",
+            "attention": "full",  # full | block_causal: frame block b self-attends only to blocks <= b
         },
         "teacher": {  # optional once the cache is complete; writes the trajectory cache
-            # hub id or local diffusers directory (transformer/, text_encoder/, tokenizer/, vae/)
-            "init_from": Opt(str),
+            "init_from": Opt(str),  # hub id or diffusers dir (transformer/, text_encoder/, tokenizer/, vae/)
             "trainable": False,  # must be false
         },
     },
@@ -52,8 +50,7 @@ DEFAULTS = {
         "teacher_inference_steps": 48,  # Euler steps of the teacher's ODE
         "teacher_negative_prompt": WAN_NEGATIVE_PROMPT,  # the unconditional prompt of CFG
         "num_frames_per_block": 3,  # latent frames sharing one noise level (causal students)
-        # max distance, in timesteps, between a t_list entry and its teacher grid point
-        "t_list_tolerance": 1.0,
+        "t_list_tolerance": 1.0,  # max distance, in timesteps, of a t_list entry from its teacher grid point
         "keep_full_trajectory": False,  # cache every teacher state, not only those at t_list (bigger files)
     },
     "pipeline": {
@@ -88,14 +85,11 @@ DEFAULTS = {
         "log_every": 10,  # optimizer steps between metrics.jsonl lines
         "checkpoint_every": 500,  # optimizer steps between checkpoints (a final one is always written)
         "keep_checkpoints": 3,  # keep the latest K complete checkpoints
-        # auto: from the highest complete checkpoint in output_dir | never | a checkpoint path
-        "resume": "auto",
+        "resume": "auto",  # auto: the highest complete checkpoint in output_dir | never | a checkpoint path
         "eval_every": 500,  # optimizer steps between evaluations on the held-out samples (and at the end)
         "eval_samples": 4,  # the last N cache samples are held out from training for evaluation
-        # at each eval, decode held-out samples with the student dir's VAE to output_dir/previews/
-        "previews": True,
-        # held-out samples decoded per eval (the first of the eval samples; at most eval_samples)
-        "preview_samples": 2,
+        "previews": True,  # at each eval, decode held-out samples (student's VAE) to output_dir/previews/
+        "preview_samples": 2,  # held-out samples decoded per eval: the first eval samples (<= eval_samples)
         "wandb_project": Opt(str),  # log to this Weights & Biases project (wandb is imported only then)
     },
 }
@@ -279,8 +273,7 @@ def validate_config(cfg):
                               "(a hub id or a local diffusers directory)")
 
 
-# what from_pretrained looks up on the hub when no such path exists
-HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")  # from_pretrained looks such a name up on the hub
 
 
 def check_paths(cfg):
@@ -288,9 +281,8 @@ def check_paths(cfg):
 
     A hub id ('namespace/name' with no such local path) passes: from_pretrained looks it up.
     """
-    needs = {"student": ["transformer/config.json"], "teacher": ["transformer/config.json",
-                                                                  "text_encoder/config.json", "tokenizer",
-                                                                  "vae/config.json"]}
+    teacher_parts = ["transformer/config.json", "text_encoder/config.json", "tokenizer", "vae/config.json"]
+    needs = {"student": ["transformer/config.json"], "teacher": teacher_parts}
     for role, parts in needs.items():
         section = cfg.models[role]
         path = section.init_from if section is not None else None

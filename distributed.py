@@ -1,5 +1,4 @@
-"""torch.distributed set-up: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them the process is a world of
-one.
+"""torch.distributed set-up: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them, a world of one.
 """
 
 import gc

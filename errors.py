@@ -1,5 +1,4 @@
-"""The errors a run reports in one line, and `run_cli`, which reports them: `error: ...` on stderr, exit
-status 2.
+"""The errors a run reports in one line, and `run_cli`, which reports them (`error: ...` on stderr, exit 2).
 """
 
 import os

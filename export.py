@@ -27,8 +27,7 @@ from models import load_transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-# diffusers name piece -> original Wan name piece, applied in order (the inverse of diffusers' single-file
-# loader).
+# diffusers name piece -> original Wan name piece, in order (the inverse of diffusers' single-file loader)
 TO_WAN_KEYS = [
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
     ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
@@ -136,8 +135,7 @@ def link_or_copy_tree(src, dst, skip):
 
 
 def verify_export(output_dir, model, dtype):
-    """Reload what was written and compare it with the checkpoint's weights and outputs; returns a summary
-    line."""
+    """Reload what was written and compare it with the checkpoint's weights and outputs; a summary line."""
     from diffusers import WanTransformer3DModel
 
     reloaded = WanTransformer3DModel.from_pretrained(output_dir, subfolder="transformer", torch_dtype=dtype)
@@ -200,8 +198,7 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
 
 
 def main(argv):
-    """export.py --checkpoint RUN_OR_CHECKPOINT --output-dir DIR [--dtype bf16] [--verify] [--self-forcing
-    FILE]."""
+    """export.py --checkpoint RUN_OR_CHECKPOINT --output-dir DIR [--dtype D] [--verify] [--self-forcing F]."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run's output_dir or one checkpoint-N folder")
     parser.add_argument("--output-dir", required=True, help="the diffusers Wan directory to write")

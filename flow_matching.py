@@ -81,8 +81,7 @@ def _teacher_grid(t_list, num_steps, shift, tolerance, keep_full_trajectory):
 
 
 def match_t_list(t_list, num_steps, shift, tolerance):
-    """Teacher-grid step index of each t_list entry but the final 0; an entry farther than `tolerance` is an
-    error."""
+    """The teacher-grid step of each t_list entry but the final 0 (ConfigError beyond `tolerance`)."""
     grid = shifted_sigmas(num_steps, shift) * NUM_TRAIN_TIMESTEPS
     indices = []
     for t in t_list[:-1]:

@@ -1,5 +1,4 @@
-"""Write the teacher's ODE trajectory cache: one numbered .safetensors file per prompt, resumable, any number
-of ranks.
+"""Write the teacher's ODE trajectory cache: a numbered .safetensors file per prompt, resumable, on any ranks.
 
     python generate_cache.py configs/tiny.yaml
     torchrun --standalone --nproc_per_node=2 generate_cache.py configs/tiny.yaml data.num_samples=8

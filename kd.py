@@ -95,8 +95,8 @@ class TrajectoryDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, keys):
         """A DataLoader batch; a CacheError comes back as data, [{"error": message}], so that the training
-        process can report it in one line (the DataLoader re-raises a worker's exceptions with its traceback
-        as message)."""
+        process reports it in one line (a worker's exception would come back with its traceback as message).
+        """
         try:
             return [self[key] for key in keys]
         except CacheError as e:
@@ -169,8 +169,7 @@ class KDBatchSampler:
 
 
 def build_student(cfg, device):
-    """The student transformer, fp32 parameters, FSDP2-sharded per block then at the root (bf16 compute on
-    GPU).
+    """The student transformer: fp32 parameters, FSDP2-sharded per block then at the root, bf16 on GPU.
 
     Inputs are cast by student_velocity, not by FSDP: its input cast would round the timesteps to bf16 too
     (999 -> 1000), and the student must be conditioned on the t_list values as written."""
@@ -180,8 +179,7 @@ def build_student(cfg, device):
 
 
 def shard_student(model, attention, frames_per_block, gradient_checkpointing, device):
-    """`model` with per-frame timesteps, its attention and checkpointing set, FSDP2-sharded (bench_gpu uses
-    it)."""
+    """`model` with per-frame timesteps, attention and checkpointing set, FSDP2-sharded (bench_gpu too)."""
     # Wan returns a reshaped view; we only read it out of place, which FSDP2's warning is about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     accept_frame_timesteps(model)
@@ -337,8 +335,7 @@ class KDTrainer:
     # -- evaluation ---------------------------------------------------------------------------------------
 
     def load_eval_sample(self, index):
-        """(states [K, C, F, H, W] at the t_list entries, teacher x0 [C, F, H, W], embeds [1, L, D]) on
-        device."""
+        """On the device: states [K, C, F, H, W] at the t_list entries, x0 [C, F, H, W], embeds [1, L, D]."""
         items = [self.dataset[(index, (k,) * self.meta["latent_shape"][1])] for k in range(self.num_steps)]
         states = torch.stack([item["x_t"] for item in items]).to(self.device).float()
         x0, embeds = items[0]["x0"], items[0]["prompt_embeds"][None]
@@ -375,8 +372,7 @@ class KDTrainer:
         return result
 
     def student_rollout(self, noise, embeds):
-        """The student's deterministic K-step sampling through t_list from the cached initial state; x0 [C, F,
-        H, W]."""
+        """x0 [C, F, H, W] of the student's deterministic K-step sampling from the cached initial state."""
         x = noise  # [1, C, F, H, W]
         for k in range(self.num_steps):
             t = self.t_values[k : k + 1, None].expand(1, x.shape[2])
@@ -405,8 +401,7 @@ class KDTrainer:
                               self.sigmas.double().cpu(), self.cfg.method.teacher_guidance_scale, self.device)
 
     def teacher_rollout_error(self):
-        """MSE of the teacher's own K-step sampling vs its 48-step x0 over the eval samples (all ranks
-        together)."""
+        """MSE of the teacher's own K-step sampling vs its 48-step x0 over the eval samples (all ranks)."""
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for index in self.eval_indices[self.rank :: self.world_size]:
             x0 = self.load_eval_sample(index)[1]
@@ -416,10 +411,10 @@ class KDTrainer:
 
     @torch.no_grad()
     def write_eval_previews(self):
-        """output_dir/previews/step-N/: decoded teacher 48-step | teacher K-step | student K-step of preview
-        samples.
+        """output_dir/previews/step-N/: teacher 48-step | teacher K-step | student K-step, decoded.
 
-        Every rank runs the student's rollouts (the FSDP forward is collective); rank 0 decodes and writes."""
+        Every rank runs the student's rollouts (the FSDP forward is collective); rank 0 decodes and writes.
+        """
         self.model.eval()
         samples = []
         for index in self.preview_indices:
@@ -477,8 +472,7 @@ class KDTrainer:
                                step=record["step"])
 
     def train_step(self, batches):
-        """One optimizer step over grad_accum_steps micro-batches; (loss sums per entry [K], counts [K], grad
-        norm)."""
+        """One optimizer step over the micro-batches: (loss sums per entry [K], counts [K], grad norm)."""
         K, accum = self.num_steps, len(batches)
         entry_loss = torch.zeros(K, device=self.device)
         entry_count = torch.zeros(K, device=self.device)
@@ -511,8 +505,8 @@ class KDTrainer:
         return entry_loss, entry_count, grad_norm
 
     def check_finite(self):
-        """Stop if any step so far had a non-finite loss or gradient norm, before its weights are saved or
-        used."""
+        """Stop if a step so far had a non-finite loss or gradient norm, before its weights are saved or used.
+        """
         first = self.first_bad_step.clone()
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if torch.isfinite(first):
@@ -520,8 +514,7 @@ class KDTrainer:
                                      "without saving the weights of that step or later")
 
     def log_metrics(self, window, window_steps, elapsed):
-        """One metrics.jsonl line from a window of steps: window = [per-entry loss sums K, counts K, grad
-        norms]."""
+        """One metrics.jsonl line from a window of steps: [K per-entry loss sums, K counts, grad-norm sum]."""
         t, K = self.cfg.training, self.num_steps
         dist.all_reduce(window)
         sums, counts = window[:K], window[K : 2 * K]
@@ -596,10 +589,9 @@ def reference_path(output_dir):
 
 def read_references(output_dir):
     """{untrained, teacher: rollout error} measured by an earlier start of this run, or {}."""
-    path = reference_path(output_dir)
-    if not os.path.exists(path):
+    if not os.path.exists(reference_path(output_dir)):
         return {}
-    with open(path) as f:
+    with open(reference_path(output_dir)) as f:
         return json.load(f)
 
 

@@ -15,8 +15,7 @@ PREVIEW_FRAMES = 5  # columns of a preview strip: frames evenly spaced from the 
 
 @torch.no_grad()
 def decode_latents(vae, latents):
-    """Video [3, F', H', W'] in [-1, 1] from normalised latents [C, F, H, W], un-normalised as WanPipeline
-    does."""
+    """Video [3, F', H', W'] in [-1, 1] of normalised latents [C, F, H, W], as WanPipeline decodes."""
     mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(-1, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=latents.device).view(-1, 1, 1, 1)
     video = vae.decode((latents.float() / inv_std + mean)[None], return_dict=False)[0]  # [1, 3, F', H', W']
@@ -29,8 +28,7 @@ def to_uint8(video):
 
 
 def preview_strip(rows, num_frames=PREVIEW_FRAMES):
-    """Image [H * len(rows), W * num_frames, 3] uint8: row r is video rows[r] [3, F, H, W] at evenly spaced
-    frames."""
+    """Image [H * len(rows), W * num_frames, 3] uint8: row r, rows[r] [3, F, H, W] at evenly spaced frames."""
     frames = torch.linspace(0, rows[0].shape[1] - 1, num_frames).round().long().tolist()
     strips = [torch.cat([video[:, f] for f in frames], dim=2) for video in rows]  # each [3, H, W*n]
     grid = torch.cat(strips, dim=1)  # [3, H*R, W*n]

@@ -1,5 +1,4 @@
-"""The teacher: prompts encoded as WanPipeline encodes them, and its flow-matching ODE with classifier-free
-guidance.
+"""The teacher: prompts encoded as WanPipeline encodes them, and its flow-matching ODE with CFG.
 
 generate_cache.py rolls it out over its full grid to write the cache; kd.py's eval rolls it out over the
 student's K grid points (its own few-step sampling, the reference the student should beat).

@@ -78,8 +78,7 @@ FLOW_SHIFT = 5.0
 RANDOM_MODELS = {  # offline random Wan pipelines, built on first use at any path ending in these names
     "wan-tiny-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=1),
     "wan-tiny-student": dict(layers=2, heads=2, head_dim=12, ffn_dim=48, seed=2),
-    # bench.py: compute dominates
-    "wan-bench-small": dict(layers=2, heads=4, head_dim=64, ffn_dim=1024, seed=3),
+    "wan-bench-small": dict(layers=2, heads=4, head_dim=64, ffn_dim=1024, seed=3),  # bench.py: compute-bound
 }
 RANDOM_TINY_SETTINGS = [  # overrides for the random models (configs/tiny.yaml is tuned for the demo models)
     "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
@@ -89,8 +88,8 @@ TEXT_DIM = 32  # d_model of the tiny UMT5 (must be shared by tiny teacher and st
 RANDOM_CORPUS = (  # the tiny byte-level BPE tokenizer is trained on these words; any text still tokenizes
     "a cat walks along the beach at sunset while waves roll in slowly. a drone flies over snowy mountains "
     "and a quiet river in the forest. a red car drives through a rainy city street at night with neon "
-    "lights. "
-    "two dogs play with a ball in a green park; children laugh. close-up of coffee poured into a white cup."
+    "lights. two dogs play with a ball in a green park; children laugh. close-up of coffee poured into a "
+    "white cup."
 )
 
 
@@ -129,8 +128,7 @@ def tiny_text_encoder(vocab_size):
 
 
 def make_random_wan(path, layers, heads, head_dim, ffn_dim, seed):
-    """Write a complete random Wan diffusers directory (transformer, UMT5, tokenizer, VAE, scheduler) to
-    `path`."""
+    """Write a complete random Wan diffusers directory (transformer, UMT5, tokenizer, VAE, scheduler)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -158,22 +156,21 @@ def random_tiny_overrides(cache_dir):
 
 
 def build_missing_models(cfg):
-    """Build every tiny model that cfg names and that does not exist yet: the one place the scripts build
-    them.
+    """Build each tiny model that cfg names and that does not exist yet: the one place the scripts do so.
 
     Call it before torch.distributed is initialised (transformers' save_pretrained writes only on rank 0 of a
-    process group); ranks and concurrent runs wait for one builder on a file lock."""
+    process group); ranks and concurrent runs wait for one builder on a file lock.
+    """
     for section in (cfg.models.student, cfg.models.teacher):
         if section is not None:
             ensure_model_dir(section.init_from)
 
 
 def ensure_model_dir(init_from):
-    """`init_from` itself; a missing path named after a tiny model is built first (atomically, by one
-    process).
+    """`init_from` itself; a missing path named after a tiny model is built first, atomically, by one process.
 
-    The demo models are built together (they share text encoder, VAE and the encoded data set) next to each
-    other."""
+    The demo models are built together, side by side (they share text encoder, VAE and the encoded data set).
+    """
     name = os.path.basename(os.path.normpath(init_from))
     if (name not in RANDOM_MODELS and name not in DEMO_MODELS) or os.path.exists(init_from):
         return init_from
@@ -181,8 +178,7 @@ def ensure_model_dir(init_from):
     group = tuple(DEMO_MODELS) if name in DEMO_MODELS else (name,)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{group[0]}.lock"), "w") as lock:
-        # ranks and concurrent runs wait for one builder (the demo takes minutes)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ranks and concurrent runs wait for one builder
         missing = [n for n in group if not os.path.exists(os.path.join(folder, n))]
         if name in missing:
             tmp = {n: os.path.join(folder, f"{n}.tmp{os.getpid()}") for n in missing}

@@ -13,21 +13,19 @@ from errors import ConfigError
 
 
 def rotate(x, cos, sin):
-    """Wan's rotary embedding on x [B, L, heads, head_dim]; cos/sin [1, L, 1, head_dim] repeat each pair's
-    angle."""
+    """Wan's rotary embedding of x [B, L, heads, head_dim]; cos, sin [1, L, 1, head_dim] (pairs repeated)."""
     even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[..., 0::2], sin[..., 0::2]
     return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).type_as(x)
 
 
 class BlockCausalAttention:
-    """Wan self-attention processor in which the tokens of frame block b attend only to the tokens of blocks
-    <= b.
+    """Wan self-attention processor in which the tokens of frame block b attend only to blocks <= b.
 
     One unmasked SDPA call per query block over the prefix of keys it may see: exact, no [L, L] mask, and on
-    GPU the flash/efficient kernels still run (a dense boolean mask would cost L^2 bytes, about 1 GB at 480p x
-    21 latent frames, and rule out flash). `tokens_per_block` is set before each forward by the model's
-    pre-hook."""
+    GPU the flash/efficient kernels still run (a dense boolean mask would cost L^2 bytes, about 1 GB at 480p
+    x 21 latent frames, and rule out flash). The model's pre-hook sets `tokens_per_block` before each forward.
+    """
 
     tokens_per_block = None
 
@@ -47,8 +45,7 @@ class BlockCausalAttention:
 
 
 def make_block_causal(model, frames_per_block):
-    """Give every self-attention layer of a WanTransformer3DModel the block-causal processor (weights
-    untouched)."""
+    """Give every self-attention layer of a WanTransformer3DModel the block-causal processor."""
     if model.config.patch_size[0] != 1:
         raise ConfigError("block-causal attention needs a temporal patch size of 1 "
                           "(every Wan2.1 model has it)")
@@ -116,8 +113,7 @@ def _frame_model_forward(model, hidden_states, timestep, encoder_hidden_states, 
 
 
 def accept_frame_timesteps(model):
-    """Let a WanTransformer3DModel take timestep [B, F] (one per latent frame) at the memory cost of timestep
-    [B]."""
+    """Let a WanTransformer3DModel take timestep [B, F], one per latent frame, at the memory cost of [B]."""
     model.forward = types.MethodType(_frame_model_forward, model)
     for block in model.blocks:
         block.forward = types.MethodType(_frame_block_forward, block)
