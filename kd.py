@@ -249,6 +249,25 @@ class KDTrainer:
 
     def prepare(self):
         """The cache (completed if needed), data, eval references, then the student, optimizer, resume."""
+        self.prepare_data()
+        self.references = read_references(self.cfg.training.output_dir)
+        self.prepare_previews()
+        self.prepare_teacher_reference()
+        free_device_memory(self.device)  # no teacher or text encoder is left before the student's optimizer
+        self.build_student_and_optimizer()
+        self.resume()
+        trim_logs(self.cfg.training.output_dir, self.step, self.rank)
+        if "untrained" not in self.references and self.eval_indices:
+            if self.step:
+                raise CacheError("cannot measure the untrained student's reference on a resumed run: "
+                                 f"{reference_path(self.cfg.training.output_dir)} is missing")
+            self.references["untrained"] = self.evaluate()["rollout_error"]
+        if self.rank == 0:
+            write_json_atomic(reference_path(self.cfg.training.output_dir), self.references)
+        barrier()
+
+    def prepare_data(self):
+        """The complete cache (generated first if there is a teacher), the train/eval split, the dataset."""
         cfg, t = self.cfg, self.cfg.training
         if not os.path.exists(os.path.join(cfg.method.teacher_path_cache, "COMPLETE")) and cfg.models.teacher:
             generate_cache(cfg, self.rank, self.world_size, self.device)
@@ -264,23 +283,6 @@ class KDTrainer:
         if self.rank == 0:  # export.py reads it to find the student's base model
             write_lines(os.path.join(t.output_dir, "config.yaml"),
                         [yaml.safe_dump(plain(cfg), sort_keys=False, allow_unicode=True)])
-        self.references = read_references(t.output_dir)
-        self.prepare_previews()
-        self.teacher_k_step = self.teacher_rollouts()  # {index: the teacher's own K-step x0}
-        if cfg.models.teacher is not None and "teacher" not in self.references and self.eval_indices:
-            self.references["teacher"] = self.teacher_rollout_error()
-        free_device_memory(self.device)  # no teacher or text encoder is left before the student's optimizer
-        self.build_student_and_optimizer()
-        self.resume()
-        trim_logs(t.output_dir, self.step, self.rank)
-        if "untrained" not in self.references and self.eval_indices:
-            if self.step:
-                raise CacheError("cannot measure the untrained student's reference on a resumed run: "
-                                 f"{reference_path(t.output_dir)} is missing")
-            self.references["untrained"] = self.evaluate()["rollout_error"]
-        if self.rank == 0:
-            write_json_atomic(reference_path(t.output_dir), self.references)
-        barrier()
 
     def prepare_previews(self):
         """The held-out samples decoded at each eval: the first preview_samples, if the student has a VAE."""
@@ -289,6 +291,24 @@ class KDTrainer:
         if self.preview_indices and not has_vae(student):
             self.log(f"previews off: {student} has no vae/ to decode them with")
             self.preview_indices = []
+
+    def prepare_teacher_reference(self):
+        """The teacher's own K-step x0 of the samples that need it, and its rollout error once per run."""
+        indices, max_len = self.teacher_sample_indices(), self.meta["max_sequence_length"]
+        self.teacher_k_step = teacher_k_step_samples(self.cfg, indices, self.load_eval_sample, self.sigmas,
+                                                     max_len, self.device)  # {index: x0}
+        if self.cfg.models.teacher is not None and "teacher" not in self.references and self.eval_indices:
+            self.references["teacher"] = rollout_error(self.teacher_k_step, self.eval_indices,
+                                                       self.load_eval_sample, self.rank, self.world_size,
+                                                       self.device)
+
+    def teacher_sample_indices(self):
+        """The eval samples whose teacher K-step x0 this rank needs: its stride while the teacher's reference
+        is missing, and rank 0's preview samples (none without a teacher)."""
+        if self.cfg.models.teacher is None or not self.eval_indices:
+            return []
+        mine = self.eval_indices[self.rank :: self.world_size] if "teacher" not in self.references else []
+        return sorted(set(mine) | set(self.preview_indices if self.rank == 0 else []))
 
     def build_student_and_optimizer(self):
         """The FSDP2 student, fused AdamW and the LR schedule."""
@@ -381,33 +401,6 @@ class KDTrainer:
             eps = (x - (1 - self.sigmas[k]) * x0) / self.sigmas[k]
             x = add_noise(x0, eps, self.next_sigmas[k])
         return x0[0]
-
-    def teacher_rollouts(self):
-        """{index: x0} of the teacher's own K-step sampling: this rank's eval stride while the teacher's
-        reference is missing, and rank 0's preview samples (empty without a teacher)."""
-        if self.cfg.models.teacher is None or not self.eval_indices:
-            return {}
-        mine = self.eval_indices[self.rank :: self.world_size] if "teacher" not in self.references else []
-        indices = sorted(set(mine) | set(self.preview_indices if self.rank == 0 else []))
-        if not indices:
-            return {}
-        negative = read_negative_embeds(self.cfg.method.teacher_path_cache)
-        negative = pad_embeds(negative, self.meta["max_sequence_length"])[None].to(self.device).float()
-        samples = {}
-        for index in indices:
-            states, _, embeds = self.load_eval_sample(index)
-            samples[index] = (states[:1], embeds)  # the initial noise [1, C, F, H, W], prompt [1, L, D]
-        return teacher_k_step(self.cfg.models.teacher.init_from, samples, negative,
-                              self.sigmas.double().cpu(), self.cfg.method.teacher_guidance_scale, self.device)
-
-    def teacher_rollout_error(self):
-        """MSE of the teacher's own K-step sampling vs its 48-step x0 over the eval samples (all ranks)."""
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        for index in self.eval_indices[self.rank :: self.world_size]:
-            x0 = self.load_eval_sample(index)[1]
-            total += (self.teacher_k_step[index] - x0).pow(2).mean().double()
-        dist.all_reduce(total)
-        return total.item() / len(self.eval_indices)
 
     @torch.no_grad()
     def write_eval_previews(self):
@@ -580,6 +573,35 @@ def lr_lambda(t):
         return 1.0
 
     return factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Beside the trainer: the eval's references (the teacher's own K-step sampling, the untrained student), logs
+
+
+def teacher_k_step_samples(cfg, indices, load_sample, sigmas, max_len, device):
+    """{index: x0 [C, F, H, W]} of the teacher's own sampling over the student's K grid points, with CFG, from
+    each sample's cached initial noise; load_sample(index) gives (states, x0, embeds) as KDTrainer loads them.
+    """
+    if not indices:
+        return {}
+    negative = read_negative_embeds(cfg.method.teacher_path_cache)
+    negative = pad_embeds(negative, max_len)[None].to(device).float()  # [1, max_len, D]
+    samples = {}
+    for index in indices:
+        states, _, embeds = load_sample(index)
+        samples[index] = (states[:1], embeds)  # the initial noise [1, C, F, H, W], prompt [1, L, D]
+    return teacher_k_step(cfg.models.teacher.init_from, samples, negative, sigmas.double().cpu(),
+                          cfg.method.teacher_guidance_scale, device)
+
+
+def rollout_error(x0_of, indices, load_sample, rank, world_size, device):
+    """MSE of x0_of[index] against the teacher's cached x0, averaged over `indices` (collective)."""
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for index in indices[rank::world_size]:
+        total += (x0_of[index] - load_sample(index)[1]).pow(2).mean().double()
+    dist.all_reduce(total)
+    return total.item() / len(indices)
 
 
 def reference_path(output_dir):
