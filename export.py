@@ -57,7 +57,7 @@ def find_checkpoint(path):
     found = checkpoint_dirs(path)
     if not found:
         raise ConfigError(f"--checkpoint {path} holds no complete checkpoint (a checkpoint-N folder with "
-                             "trainer_state.pt); incomplete checkpoint-N.tmp folders are never exported")
+                          "trainer_state.pt); incomplete checkpoint-N.tmp folders are never exported")
     return found[max(found)]
 
 
