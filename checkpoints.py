@@ -2,7 +2,8 @@
 
 A checkpoint is written under checkpoint-{step}.tmp and renamed when complete, so a folder under its final
 name is always complete (it holds trainer_state.pt, written last); the latest K are kept. Each folder holds
-the sharded model and optimizer (any rank count can read them), trainer_state.pt and each rank's RNG state.
+the sharded model, optimizer and, when the run keeps one, the weights' EMA (any rank count can read them),
+trainer_state.pt and each rank's RNG state.
 """
 
 import os
@@ -53,7 +54,7 @@ def _failure(error):
     return one_line(error)
 
 
-def save_checkpoint(output_dir, step, model, optimizer, trainer_state, keep, rank, device):
+def save_checkpoint(output_dir, step, model, optimizer, trainer_state, keep, rank, device, ema=None):
     """Write checkpoint-{step} on every rank (collective), then keep only the latest `keep` complete ones.
 
     Non-finite weights are never saved (FloatingPointError); a failed write (disk full) removes the partial
@@ -69,7 +70,7 @@ def save_checkpoint(output_dir, step, model, optimizer, trainer_state, keep, ran
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
     try:
-        dcp.save(_state(model, optimizer), checkpoint_id=tmp)
+        dcp.save(_state(model, optimizer, ema), checkpoint_id=tmp)
         torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
     # CheckpointException gathers every rank's failure
     except (OSError, RuntimeError, CheckpointException) as e:
@@ -107,9 +108,16 @@ def checkpoint_to_resume(output_dir, resume, rank):
     return path
 
 
-def load_checkpoint(path, model, optimizer, rank, device):
-    """Load model and optimizer (resharded to this world) and this rank's RNG; the trainer state."""
-    state = _state(model, optimizer)
+def has_ema(path):
+    """Whether the checkpoint folder holds an EMA of the weights."""
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return any(key.startswith("ema.") for key in keys)
+
+
+def load_checkpoint(path, model, optimizer, rank, device, ema=None):
+    """Load model, optimizer and the EMA if given (resharded to this world) and this rank's RNG; the trainer
+    state."""
+    state = _state(model, optimizer, ema)
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     rng_path = os.path.join(path, f"rng-rank{rank}.pt")
@@ -121,7 +129,7 @@ def load_checkpoint(path, model, optimizer, rank, device):
     return torch.load(os.path.join(path, TRAINER_STATE), weights_only=True)
 
 
-def _state(model, optimizer):
-    """The DCP state dict pair {model, optimizer} of an FSDP2 model and its optimizer."""
+def _state(model, optimizer, ema=None):
+    """The DCP state dict {model, optimizer[, ema]} of an FSDP2 model, its optimizer and its EMA."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optimizer": optim_sd}
+    return {"model": model_sd, "optimizer": optim_sd, **({"ema": ema.state_dict()} if ema is not None else {})}

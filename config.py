@@ -50,6 +50,13 @@ DEFAULTS = {
         "teacher_inference_steps": 48,  # Euler steps of the teacher's ODE
         "teacher_negative_prompt": WAN_NEGATIVE_PROMPT,  # the unconditional prompt of CFG
         "num_frames_per_block": 3,  # latent frames sharing one noise level (causal students)
+        # the timestep the student is conditioned on at each t_list entry: grid = its matched teacher-grid point
+        # (1000, 937.5, 833.33, 625 for the default t_list: what Self-Forcing and diffusers' schedulers call the
+        # student at) | t_list = the value as written (the seed's)
+        "student_timesteps": "grid",
+        # causal students: each block may also draw the final clean entry (fed at timestep 0, no loss), the
+        # clean context Self-Forcing's inference gives later blocks; false: the seed's K noisy entries only
+        "clean_context": True,
         "t_list_tolerance": 1.0,  # max distance, in timesteps, of a t_list entry from its teacher grid point
         "keep_full_trajectory": False,  # cache every teacher state, not only those at t_list (bigger files)
     },
@@ -78,6 +85,8 @@ DEFAULTS = {
         "warmup_steps": 0,  # linear warmup from 0 to lr, in optimizer steps
         "lr_schedule": "constant",  # after warmup: constant | cosine (to 0 at max_steps)
         "max_grad_norm": 1.0,  # clip the global gradient norm to this (0 = no clipping)
+        "ema_decay": 0.0,  # EMA of the weights: ema <- d * ema + (1 - d) * weights per step (0 = no EMA)
+        "ema_start_step": 0,  # the EMA equals the weights up to this optimizer step, then averages
         "gradient_checkpointing": False,  # recompute each transformer block in backward (less memory)
         "seed": 0,  # data order and timestep draws
         "num_workers": 2,  # DataLoader worker processes per rank (0 = load in the training process)
@@ -234,6 +243,8 @@ def validate_config(cfg):
         raise ConfigError(f"method.teacher_guidance_scale must be >= 0, got {m.teacher_guidance_scale}")
     if m.t_list_tolerance < 0:
         raise ConfigError("method.t_list_tolerance must be >= 0")
+    if m.student_timesteps not in ("grid", "t_list"):
+        raise ConfigError(f"method.student_timesteps must be 'grid' or 't_list', got {m.student_timesteps!r}")
     p = cfg.pipeline
     if p.flow_shift <= 0:
         raise ConfigError("pipeline.flow_shift must be > 0")
@@ -264,6 +275,10 @@ def validate_config(cfg):
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                     for b in t.betas):
         raise ConfigError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"training.ema_decay must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
+    if t.ema_start_step < 0:
+        raise ConfigError(f"training.ema_start_step must be >= 0, got {t.ema_start_step}")
     if t.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"training.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
     for role in ("student", "teacher"):

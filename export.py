@@ -3,15 +3,20 @@
     python export.py --checkpoint runs/kd --output-dir exports/wan_kd_4step --verify
     python export.py --checkpoint runs/kd/checkpoint-2000 --output-dir exports/kd --dtype bf16 --overwrite \
         --self-forcing exports/ode_init.pt
+    python export.py --checkpoint runs/kd --output-dir exports/kd_ema --ema    # the EMA weights (training.ema_decay)
 
 --checkpoint is a run's output directory (its latest complete checkpoint is used) or one checkpoint-N folder;
 one CPU process exports a checkpoint written by any number of ranks. The output holds the student base model's
 other components (hard-linked where possible) and transformer/ from save_pretrained, so that
-WanPipeline.from_pretrained(DIR) loads it. --self-forcing also writes the weights in the original Wan key
-layout that Self-Forcing's generator checkpoints use: {"generator": {"model.<wan key>": tensor}}.
+WanPipeline.from_pretrained(DIR) loads it, and student_sampling.json: the sigmas and timesteps the student
+was trained at, for a FlowMatchEulerDiscreteScheduler (README, "Sampling the student with stock diffusers").
+--self-forcing also writes the weights in the original Wan key layout that Self-Forcing's generator
+checkpoints use: {"generator": {"model.<wan key>": tensor}}, plus "generator_ema" when the run kept an EMA
+(Self-Forcing's inference.py --use_ema reads it).
 """
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -20,9 +25,10 @@ import warnings
 import torch
 
 from atomic_files import TMP_SUFFIX, write_atomic
-from checkpoints import TRAINER_STATE, checkpoint_dirs
+from checkpoints import TRAINER_STATE, checkpoint_dirs, has_ema
 from config import load_config
 from errors import CacheError, ConfigError, run_cli
+from flow_matching import teacher_grid
 from models import load_transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,21 +84,36 @@ def base_model_dir(init_from):
     return snapshot_download(init_from)
 
 
-def load_checkpoint_student(checkpoint, cfg):
-    """The student WanTransformer3DModel, fp32, with the checkpoint's weights (DCP shards, any rank count)."""
+def load_checkpoint_student(checkpoint, cfg, ema=False):
+    """The student WanTransformer3DModel, fp32, with the checkpoint's weights or their EMA (DCP shards, any
+    rank count)."""
     import torch.distributed.checkpoint as dcp
 
     model = load_transformer(cfg.models.student.init_from, torch.device("cpu"))
-    state = {"model": model.state_dict()}
+    if ema and not has_ema(checkpoint):
+        raise ConfigError(f"--ema: checkpoint {checkpoint} holds no EMA (its run had training.ema_decay=0)")
+    key = "ema" if ema else "model"
+    # the EMA covers the parameters; buffers, if any, are the model's
+    state = {key: dict(model.named_parameters()) if ema else model.state_dict()}
     try:
         with warnings.catch_warnings():  # a single process reading any rank count's shards is the point here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
     except Exception as e:
-        raise CacheError(f"cannot read the model from checkpoint {checkpoint}: "
+        raise CacheError(f"cannot read the {key} weights from checkpoint {checkpoint}: "
                          f"{type(e).__name__}: {e}") from None
-    model.load_state_dict(state["model"], strict=True)
+    model.load_state_dict({**model.state_dict(), **state[key]}, strict=True)
     return model.eval()
+
+
+def sampling_schedule(cfg):
+    """How the student samples: its K sigmas and the timesteps it is conditioned on (student_sampling.json)."""
+    grid = teacher_grid(cfg)
+    written = cfg.method.student_timesteps == "t_list"
+    return {"sigmas": grid.student_sigmas,
+            "timesteps": [float(t) for t in cfg.method.t_list[:-1]] if written else grid.student_timesteps,
+            "t_list": cfg.method.t_list, "flow_shift": cfg.pipeline.flow_shift,
+            "teacher_inference_steps": cfg.method.teacher_inference_steps}
 
 
 def to_wan_keys(state_dict):
@@ -117,6 +138,16 @@ def from_wan_keys(state_dict):
 
     stripped = {k.removeprefix(SELF_FORCING_PREFIX): v for k, v in state_dict.items()}
     return convert_wan_transformer_to_diffusers(stripped)
+
+
+def self_forcing_weights(model, dtype):
+    """The model's weights in `dtype` under Self-Forcing's generator keys, checked to convert back exactly."""
+    weights = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    wan = to_wan_keys(weights)
+    back = from_wan_keys(dict(wan))
+    if back.keys() != weights.keys() or any(not torch.equal(back[k], weights[k]) for k in weights):
+        raise RuntimeError("the original-Wan key conversion does not round-trip through diffusers' loader")
+    return wan
 
 
 def link_or_copy_tree(src, dst, skip):
@@ -162,15 +193,16 @@ def verify_export(output_dir, model, dtype):
     return f"verified: {len(expected)} tensors equal, forward max relative difference {error:.2g}"
 
 
-def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, self_forcing=None):
-    """Write the checkpoint's student as a diffusers Wan directory; returns the checkpoint folder used."""
+def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, self_forcing=None, ema=False):
+    """Write the checkpoint's student (its EMA weights with `ema`) as a diffusers Wan directory; returns the
+    checkpoint folder used."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if os.path.exists(output_dir) and not overwrite:
         raise ConfigError(f"--output-dir {output_dir} already exists; pass --overwrite to replace it")
     checkpoint = find_checkpoint(checkpoint)
     cfg = run_config(checkpoint)
-    model = load_checkpoint_student(checkpoint, cfg)
+    model = load_checkpoint_student(checkpoint, cfg, ema)
     torch_dtype = DTYPES[dtype]
     tmp = os.path.normpath(output_dir) + TMP_SUFFIX
     shutil.rmtree(tmp, ignore_errors=True)
@@ -178,18 +210,19 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
     model.to(torch_dtype).save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True,
                                           max_shard_size="5GB")
     model.float()
-    messages = [f"exported {checkpoint} ({dtype}) to {output_dir}"]
+    with open(os.path.join(tmp, "student_sampling.json"), "w") as f:
+        json.dump(sampling_schedule(cfg), f, indent=1)
+    messages = [f"exported {checkpoint} ({dtype}{', EMA weights' if ema else ''}) to {output_dir}"]
     if check:
         messages.append(verify_export(tmp, model, torch_dtype))
     if self_forcing:
-        weights = {k: v.to(torch_dtype) for k, v in model.state_dict().items()}
-        wan = to_wan_keys(weights)
-        back = from_wan_keys(dict(wan))
-        if back.keys() != weights.keys() or any(not torch.equal(back[k], weights[k]) for k in weights):
-            raise RuntimeError("the original-Wan key conversion does not round-trip through diffusers' "
-                               "loader")
-        write_atomic(self_forcing, lambda p: torch.save({"generator": wan}, p))
-        messages.append(f"wrote {self_forcing} (Self-Forcing generator layout, round-trip checked)")
+        students = {"generator": model if not ema else load_checkpoint_student(checkpoint, cfg)}
+        if has_ema(checkpoint):
+            students["generator_ema"] = model if ema else load_checkpoint_student(checkpoint, cfg, ema=True)
+        generators = {name: self_forcing_weights(student, torch_dtype) for name, student in students.items()}
+        write_atomic(self_forcing, lambda p: torch.save(generators, p))
+        messages.append(f"wrote {self_forcing} ({' and '.join(generators)} in Self-Forcing's generator layout, "
+                        "round-trip checked)")
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     os.rename(tmp, output_dir)
@@ -208,11 +241,14 @@ def main(argv):
     parser.add_argument("--verify", action="store_true",
                         help="reload the export and compare it with the checkpoint")
     parser.add_argument("--self-forcing", metavar="FILE",
-                        help="also write {'generator': original Wan keys} here")
+                        help="also write {'generator': original Wan keys} here (and 'generator_ema' if kept)")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the EMA weights (training.ema_decay) to --output-dir, not the raw ones")
     args = parser.parse_args(argv)
     if os.environ.get("RANK", "0") != "0":  # under torchrun one process does the export
         return
-    export(args.checkpoint, args.output_dir, args.dtype, args.overwrite, args.verify, args.self_forcing)
+    export(args.checkpoint, args.output_dir, args.dtype, args.overwrite, args.verify, args.self_forcing,
+           args.ema)
 
 
 if __name__ == "__main__":

@@ -60,10 +60,16 @@ class TeacherGrid:
         return [self.recorded.index(i) for i in self.matched]
 
     @property
+    def student_timesteps(self):
+        """The matched grid timestep of each t_list entry but the final 0 [K], as the cache records it (float32
+        values: 1000, 937.5, 833.33.., 625 for [999, 937, 833, 624, 0] on 48 steps at shift 5)."""
+        timesteps = self.timesteps
+        return [timesteps[p] for p in self.positions]
+
+    @property
     def student_sigmas(self):
         """The matched sigma of each t_list entry but the final 0 [K], from the recorded float32 timesteps."""
-        timesteps = self.timesteps
-        return [timesteps[p] / NUM_TRAIN_TIMESTEPS for p in self.positions]
+        return [t / NUM_TRAIN_TIMESTEPS for t in self.student_timesteps]
 
 
 def teacher_grid(cfg):

@@ -35,9 +35,10 @@ from tqdm import tqdm
 from atomic_files import make_dirs, write_json_atomic, write_lines
 from cache_format import (REGENERATE_HINT, open_cache, read_negative_embeds, sample_path, verified_metadata,
                           verified_tensor)
-from checkpoints import checkpoint_to_resume, load_checkpoint, save_checkpoint
+from checkpoints import checkpoint_to_resume, has_ema, load_checkpoint, save_checkpoint
 from config import check_paths, config_from_argv, plain
 from distributed import barrier, free_device_memory, init_distributed, shutdown_distributed
+from ema import EMA
 from errors import CacheError, ConfigError, WriteError, one_line, run_cli
 from flow_matching import add_noise, teacher_grid, x0_from_velocity
 from generate_cache import generate_cache
@@ -52,14 +53,15 @@ from wan_student import accept_frame_timesteps, make_block_causal
 
 
 class TrajectoryDataset(torch.utils.data.Dataset):
-    """Reads, per item (sample index, per-frame step indices [F]), only the states that item needs.
+    """Reads, per item (sample index, per-frame t_list entry indices [F]), only the states that item needs.
 
-    Returns x_t [C, F, H, W] (each frame from the state of its own step), x0 [C, F, H, W] and the prompt
-    embeddings zero-padded to the length the teacher saw [max_len, D], all in the cache dtype.
+    Returns x_t [C, F, H, W] (each frame from the state of its own entry; entry K is the clean x0), x0
+    [C, F, H, W] and the prompt embeddings zero-padded to the length the teacher saw [max_len, D], all in the
+    cache dtype.
     """
 
     def __init__(self, cache_dir, positions, max_len):
-        """positions: the state-axis position of each student step (TeacherGrid.positions)."""
+        """positions: the state-axis position of each t_list entry [K + 1] (the last one, x0, is last)."""
         self.cache_dir, self.positions, self.max_len = cache_dir, positions, max_len
 
     def __getitem__(self, key):
@@ -172,7 +174,7 @@ def build_student(cfg, device):
     """The student transformer: fp32 parameters, FSDP2-sharded per block then at the root, bf16 on GPU.
 
     Inputs are cast by student_velocity, not by FSDP: its input cast would round the timesteps to bf16 too
-    (999 -> 1000), and the student must be conditioned on the t_list values as written."""
+    (937.5 -> 936), and the student must be conditioned on exactly its timesteps."""
     model = load_transformer(cfg.models.student.init_from, torch.device("cpu"))
     return shard_student(model, cfg.models.student.attention, cfg.method.num_frames_per_block,
                          cfg.training.gradient_checkpointing, device)
@@ -212,7 +214,8 @@ def x0_prediction(x_t, v, sigma_frames):
 
 
 def kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, uniform, prompt_embeds):
-    """0.5 * MSE(x0_pred, x0_teacher) per frame [B, F], fp32; its mean is the seed's loss."""
+    """0.5 * MSE(x0_pred, x0_teacher) per frame [B, F], fp32; its mean over the noisy frames is the loss (a
+    clean frame, sigma 0, is its own x0 prediction: it is context for the others, and carries no loss)."""
     v = student_velocity(model, x_t, t_frames, uniform, prompt_embeds)
     return 0.5 * (x0_prediction(x_t, v, sigma_frames) - x0).pow(2).mean(dim=(1, 3, 4))
 
@@ -232,16 +235,19 @@ class KDTrainer:
         self.grid = teacher_grid(cfg)
         self.t_list = [float(t) for t in cfg.method.t_list]
         self.num_steps = len(self.t_list) - 1  # K
-        self.t_values = torch.tensor(self.t_list[:-1], device=device)  # [K] as written, for conditioning
-        # [K] the matched grid sigmas, for x0 = x_t - sigma * v
-        self.sigmas = torch.tensor(self.grid.student_sigmas, device=device)
-        self.next_sigmas = torch.cat([self.sigmas[1:], self.sigmas.new_zeros(1)])
+        written = cfg.method.student_timesteps == "t_list"
+        conditioning = self.t_list[:-1] if written else self.grid.student_timesteps
+        # Per t_list entry [K + 1]: the timestep the student is conditioned on, and the matched grid sigma of
+        # x0 = x_t - sigma * v; entry K is the clean x0, at timestep 0 and sigma 0.
+        self.t_values = torch.tensor(conditioning + [0.0], device=device)
+        self.sigmas = torch.tensor(self.grid.student_sigmas + [0.0], device=device)
         # the first step whose loss or gradient norm was not finite (inf: none so far)
         self.first_bad_step = torch.tensor(float("inf"), device=device)
-        self.step, self.vae, self.wandb = 0, None, None
+        self.step, self.vae, self.wandb, self.ema = 0, None, None, None
+        self.streaming = cfg.models.student.attention == "block_causal"  # also judge it generating in blocks
 
     def sample_step_indices(self, generator, batch_size, num_frames):
-        """Per-frame student step indices [B, F] in [0, K): one uniform draw per sample, for its frames."""
+        """Per-frame t_list entry indices [B, F] in [0, K): one uniform draw per sample, for its frames."""
         per_sample = torch.randint(self.num_steps, (batch_size, 1), generator=generator)
         return per_sample.expand(batch_size, num_frames)
 
@@ -261,7 +267,10 @@ class KDTrainer:
             if self.step:
                 raise CacheError("cannot measure the untrained student's reference on a resumed run: "
                                  f"{reference_path(self.cfg.training.output_dir)} is missing")
-            self.references["untrained"] = self.evaluate()["rollout_error"]
+            untrained = self.evaluate()
+            self.references["untrained"] = untrained["rollout_error"]
+            if self.streaming:
+                self.references["untrained_streaming"] = untrained["rollout_error_streaming"]
         if self.rank == 0:
             write_json_atomic(reference_path(self.cfg.training.output_dir), self.references)
         barrier()
@@ -277,7 +286,8 @@ class KDTrainer:
             raise ConfigError(f"training.eval_samples={t.eval_samples} must be below the {n} cached samples")
         self.train_indices = list(range(n - t.eval_samples))
         self.eval_indices = list(range(n - t.eval_samples, n))
-        self.dataset = TrajectoryDataset(cfg.method.teacher_path_cache, self.grid.positions,
+        positions = self.grid.positions + [len(self.grid.recorded)]  # x0 follows the recorded states
+        self.dataset = TrajectoryDataset(cfg.method.teacher_path_cache, positions,
                                          self.meta["max_sequence_length"])
         make_dirs(t.output_dir)
         if self.rank == 0:  # export.py reads it to find the student's base model
@@ -295,8 +305,9 @@ class KDTrainer:
     def prepare_teacher_reference(self):
         """The teacher's own K-step x0 of the samples that need it, and its rollout error once per run."""
         indices, max_len = self.teacher_sample_indices(), self.meta["max_sequence_length"]
-        self.teacher_k_step = teacher_k_step_samples(self.cfg, indices, self.load_eval_sample, self.sigmas,
-                                                     max_len, self.device)  # {index: x0}
+        self.teacher_k_step = teacher_k_step_samples(self.cfg, indices, self.load_eval_sample,
+                                                     self.sigmas[: self.num_steps], max_len,
+                                                     self.device)  # {index: x0}
         if self.cfg.models.teacher is not None and "teacher" not in self.references and self.eval_indices:
             self.references["teacher"] = rollout_error(self.teacher_k_step, self.eval_indices,
                                                        self.load_eval_sample, self.rank, self.world_size,
@@ -311,7 +322,7 @@ class KDTrainer:
         return sorted(set(mine) | set(self.preview_indices if self.rank == 0 else []))
 
     def build_student_and_optimizer(self):
-        """The FSDP2 student, fused AdamW and the LR schedule."""
+        """The FSDP2 student, fused AdamW, the LR schedule and the weights' EMA if asked for."""
         t = self.cfg.training
         self.model = build_student(self.cfg, self.device)
         if self.model.config.in_channels != self.meta["latent_shape"][0]:
@@ -320,6 +331,8 @@ class KDTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas),
                                            weight_decay=t.weight_decay, eps=t.eps, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
+        if t.ema_decay > 0:
+            self.ema = EMA(self.model, t.ema_decay, t.ema_start_step)
 
     def data_loader(self, start):
         """Endless training batches from micro-batch `start` on, read by DataLoader workers."""
@@ -341,13 +354,18 @@ class KDTrainer:
         state = {"step": self.step, "micro_batches": self.step * t.grad_accum_steps,
                  "scheduler": self.scheduler.state_dict(), "world_size": self.world_size}
         save_checkpoint(t.output_dir, self.step, self.model, self.optimizer, state, t.keep_checkpoints,
-                        self.rank, self.device)
+                        self.rank, self.device, self.ema)
 
     def resume(self):
         """Continue from the checkpoint training.resume names (auto: the highest complete one), if any."""
         path = checkpoint_to_resume(self.cfg.training.output_dir, self.cfg.training.resume, self.rank)
         if path is not None:
-            state = load_checkpoint(path, self.model, self.optimizer, self.rank, self.device)
+            ema = self.ema if self.ema is not None and has_ema(path) else None
+            if self.ema is not None and ema is None:
+                self.log(f"{path} holds no EMA (its run had training.ema_decay=0): the EMA starts from its weights")
+            state = load_checkpoint(path, self.model, self.optimizer, self.rank, self.device, ema)
+            if self.ema is not None and ema is None:
+                self.ema = EMA(self.model, self.cfg.training.ema_decay, self.cfg.training.ema_start_step)
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = state["step"]
             self.log(f"resumed from {path} at step {self.step}")
@@ -369,42 +387,44 @@ class KDTrainer:
 
     @torch.no_grad()
     def evaluate(self):
-        """Held-out KD loss per t_list entry; the student's K-step rollout error against the teacher's x0."""
+        """Held-out KD loss per noisy t_list entry; the rollout error against the teacher's x0 of the student's
+        K-step sampling (and, for block-causal students, of its streaming sampling)."""
         self.model.eval()
         K = self.num_steps
-        # [K per-entry losses, then the rollout error]
-        sums = torch.zeros(K + 1, device=self.device, dtype=torch.float64)
+        rollouts = ["rollout_error"] + (["rollout_error_streaming"] if self.streaming else [])
+        # [K per-entry losses, then the rollout errors]
+        sums = torch.zeros(K + len(rollouts), device=self.device, dtype=torch.float64)
         for index, weight in self.rank_share(self.eval_indices):
             states, x0, embeds = self.load_eval_sample(index)
             frames = states.shape[2]
-            t_frames = self.t_values[:, None].expand(K, frames)
-            sigma_frames = self.sigmas[:, None].expand(K, frames)
+            t_frames = self.t_values[:K, None].expand(K, frames)
+            sigma_frames = self.sigmas[:K, None].expand(K, frames)
             losses = kd_frame_losses(self.model, states, x0[None], t_frames, sigma_frames, True,
                                      embeds.expand(K, -1, -1))  # [K, F]
             sums[:K] += weight * losses.mean(dim=1).double()
-            sums[K] += weight * (self.student_rollout(states[:1], embeds) - x0).pow(2).mean().double()
+            for j, sample in enumerate(self.student_samples(index, states[:1], embeds)):
+                sums[K + j] += weight * (sample - x0).pow(2).mean().double()
         dist.all_reduce(sums)
         sums /= len(self.eval_indices)
         self.model.train()
         result = {f"loss_t{self.t_list[k]:g}": sums[k].item() for k in range(K)}
         result["loss"] = sums[:K].mean().item()
-        result["rollout_error"] = sums[K].item()
+        result.update({name: sums[K + j].item() for j, name in enumerate(rollouts)})
         return result
 
-    def student_rollout(self, noise, embeds):
-        """x0 [C, F, H, W] of the student's deterministic K-step sampling from the cached initial state."""
-        x = noise  # [1, C, F, H, W]
-        for k in range(self.num_steps):
-            t = self.t_values[k : k + 1, None].expand(1, x.shape[2])
-            v = student_velocity(self.model, x, t, True, embeds)
-            x0 = x0_prediction(x, v, self.sigmas[k : k + 1, None])
-            eps = (x - (1 - self.sigmas[k]) * x0) / self.sigmas[k]
-            x = add_noise(x0, eps, self.next_sigmas[k])
-        return x0[0]
+    def student_samples(self, index, noise, embeds):
+        """x0 [C, F, H, W] of the student's K-step sampling from a sample's cached initial noise [1, C, F, H, W]
+        and, for block-causal students, of its streaming sampling (fresh noise seeded by the sample)."""
+        samples = [sample_frames(self.model, noise, embeds, self.t_values, self.sigmas)[0]]
+        if self.streaming:
+            seed = stable_seed(self.cfg.training.seed, "streaming", index)
+            samples.append(streaming_sample(self.model, noise, embeds, self.t_values, self.sigmas,
+                                            self.cfg.method.num_frames_per_block, seed)[0])
+        return samples
 
     @torch.no_grad()
     def write_eval_previews(self):
-        """output_dir/previews/step-N/: teacher 48-step | teacher K-step | student K-step, decoded.
+        """output_dir/previews/step-N/: teacher 48-step | teacher K-step | student K-step (| streaming), decoded.
 
         Every rank runs the student's rollouts (the FSDP forward is collective); rank 0 decodes and writes.
         """
@@ -413,24 +433,28 @@ class KDTrainer:
         for index in self.preview_indices:
             states, x0, embeds = self.load_eval_sample(index)
             teacher_k = [self.teacher_k_step[index]] if index in self.teacher_k_step else []
-            samples.append((index, [x0, *teacher_k, self.student_rollout(states[:1], embeds)]))
+            samples.append((index, [x0, *teacher_k, *self.student_samples(index, states[:1], embeds)]))
         self.model.train()
         if self.rank != 0:
             return
         if self.vae is None:
             self.vae = load_vae(self.cfg.models.student.init_from, self.device)
         K = self.num_steps
-        labels = [f"teacher {self.cfg.method.teacher_inference_steps}-step x0", f"teacher {K}-step",
-                  f"student {K}-step"]
-        if not self.teacher_k_step:
-            labels.pop(1)
+        labels = [f"teacher {self.cfg.method.teacher_inference_steps}-step x0",
+                  *([f"teacher {K}-step"] if self.teacher_k_step else []), f"student {K}-step",
+                  *([f"student {K}-step streaming"] if self.streaming else [])]
         folder = os.path.join(self.cfg.training.output_dir, "previews", f"step-{self.step}")
         write_previews(folder, self.vae, samples, labels)
         self.log(f"previews ({' | '.join(labels)}) written to {folder}")
 
     def run_eval(self):
-        """Evaluate, write previews, log the result beside the references to eval.jsonl and the console."""
+        """Evaluate (the EMA weights too), write previews, log the result beside the references to eval.jsonl
+        and the console."""
         result = self.evaluate()
+        if self.ema is not None:
+            with self.ema.weights_in(self.model):
+                ema = self.evaluate()
+            result.update({f"{k}_ema": v for k, v in ema.items() if k == "loss" or k.startswith("rollout")})
         if self.preview_indices:
             self.write_eval_previews()
         refs = self.references
@@ -438,10 +462,17 @@ class KDTrainer:
                                          **{f"rollout_error_{k}": v for k, v in refs.items()}})
         teacher = f"{refs['teacher']:.5f}" if "teacher" in refs else "n/a (no teacher configured)"
         per_entry = ", ".join(f"{k}={v:.5f}" for k, v in result.items() if k.startswith("loss_t"))
-        untrained = refs.get("untrained", float("nan"))
+        student = f"{result['rollout_error']:.5f}"
+        untrained = f"{refs.get('untrained', float('nan')):.5f}"
+        if self.streaming:
+            student += f" (streaming {result['rollout_error_streaming']:.5f})"
+            untrained += f" (streaming {refs.get('untrained_streaming', float('nan')):.5f})"
+        if self.ema is not None:
+            student += f", EMA {result['rollout_error_ema']:.5f}"
+            if self.streaming:
+                student += f" (streaming {result['rollout_error_streaming_ema']:.5f})"
         self.log(f"eval step {self.step}: kd loss {result['loss']:.5f} ({per_entry}) | rollout error: "
-                 f"student {result['rollout_error']:.5f}, untrained student {untrained:.5f}, "
-                 f"teacher {self.num_steps}-step {teacher}")
+                 f"student {student}, untrained student {untrained}, teacher {self.num_steps}-step {teacher}")
         return result
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -465,10 +496,15 @@ class KDTrainer:
                                step=record["step"])
 
     def train_step(self, batches):
-        """One optimizer step over the micro-batches: (loss sums per entry [K], counts [K], grad norm)."""
+        """One optimizer step over the micro-batches: (loss sums per noisy entry [K], counts [K], grad norm).
+
+        The loss is the mean over this rank's noisy frames; frames that drew entry K, the clean x0, are context
+        for the others (causal students) and carry no loss."""
         K, accum = self.num_steps, len(batches)
-        entry_loss = torch.zeros(K, device=self.device)
-        entry_count = torch.zeros(K, device=self.device)
+        noisy_frames = max(1, sum(int((b["steps"] < K).sum()) for b in batches))  # CPU copies: no device sync
+        entry_loss = torch.zeros(K + 1, device=self.device)
+        entry_count = torch.zeros(K + 1, device=self.device)
+        step_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             self.model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per optimizer step
             x_t = batch["x_t"].to(self.device, non_blocking=True).float()  # [B, C, F, H, W]
@@ -478,24 +514,27 @@ class KDTrainer:
             uniform = bool((batch["steps"] == batch["steps"][:, :1]).all())  # on the CPU copy: no device sync
             frame_loss = kd_frame_losses(self.model, x_t, x0, self.t_values[steps], self.sigmas[steps],
                                          uniform, embeds)  # [B, F]
-            (frame_loss.mean() / accum).backward()
+            loss = torch.where(steps < K, frame_loss, 0.0).sum() / noisy_frames
+            loss.backward()
             with torch.no_grad():
+                step_loss += loss.detach()
                 entry_loss.index_add_(0, steps.flatten(), frame_loss.detach().flatten())
                 entry_count.index_add_(0, steps.flatten(), torch.ones_like(frame_loss).flatten())
         max_norm = self.cfg.training.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    max_norm if max_norm > 0 else float("inf"), foreach=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss = entry_loss.sum() / entry_count.sum()
         # Noted on the device, read by check_finite: a host sync here would stall the GPU queue every step.
-        bad = ~torch.isfinite(loss + grad_norm)
+        bad = ~torch.isfinite(step_loss + grad_norm)
         self.first_bad_step = torch.where(bad & self.first_bad_step.isinf(), float(self.step + 1),
                                           self.first_bad_step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return entry_loss, entry_count, grad_norm
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        return entry_loss[:K], entry_count[:K], grad_norm
 
     def check_finite(self):
         """Stop if a step so far had a non-finite loss or gradient norm, before its weights are saved or used.
@@ -511,7 +550,7 @@ class KDTrainer:
         t, K = self.cfg.training, self.num_steps
         dist.all_reduce(window)
         sums, counts = window[:K], window[K : 2 * K]
-        record = {"step": self.step, "loss": (sums.sum() / counts.sum()).item()}
+        record = {"step": self.step, "loss": (sums.sum() / counts.sum().clamp(min=1)).item()}
         record.update({f"loss_t{self.t_list[k]:g}": (sums[k] / counts[k]).item() if counts[k] > 0 else None
                        for k in range(K)})
         samples = window_steps * t.grad_accum_steps * t.batch_size * self.world_size
@@ -559,6 +598,47 @@ class KDTrainer:
         bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling with the student: as the eval and the previews judge it, and as it will be used
+
+
+def sample_frames(model, x, embeds, t_values, sigmas, context=None, generator=None):
+    """x0 [1, C, f, H, W] of the student's K-step sampling of frames x [1, C, f, H, W], from entry 0's noise
+    level, after the clean frames `context` [1, C, c, H, W] fed at timestep 0 (block-causal students).
+
+    At entry k the student predicts x0, which is re-noised to entry k + 1's sigma: with fresh noise from
+    `generator` (Self-Forcing's sampling), or without one with the noise the prediction implies, which makes
+    the step Euler's deterministic ODE step, as diffusers' FlowMatchEulerDiscreteScheduler takes it.
+    t_values, sigmas: [K + 1] per t_list entry, as KDTrainer holds them.
+    """
+    context = x[:, :, :0] if context is None else context
+    c = context.shape[2]
+    for k in range(len(t_values) - 1):
+        t = torch.cat([t_values.new_zeros(c), t_values[k].expand(x.shape[2])])[None]  # [1, c + f]
+        v = student_velocity(model, torch.cat([context, x], dim=2), t, c == 0, embeds)[:, :, c:]
+        x0 = x0_from_velocity(x, v, sigmas[k])
+        if k + 2 < len(t_values):
+            eps = ((x - (1 - sigmas[k]) * x0) / sigmas[k] if generator is None
+                   else torch.randn(x.shape, generator=generator, device=x.device))
+            x = add_noise(x0, eps, sigmas[k + 1])
+    return x0
+
+
+def streaming_sample(model, noise, embeds, t_values, sigmas, frames_per_block, seed=None):
+    """x0 [1, C, F, H, W] generated block by block as Self-Forcing's causal inference does: each block from its
+    own initial noise in `noise` [1, C, F, H, W] through the K steps, re-noised with fresh noise seeded by
+    (seed, block) (seed None: the deterministic Euler steps), attending to the clean x0 of the blocks before
+    it at timestep 0. The block-causal student computes the prefix afresh at each step instead of keeping a KV
+    cache: the same numbers, simpler, more compute."""
+    done = noise[:, :, :0]
+    for start in range(0, noise.shape[2], frames_per_block):
+        generator = None if seed is None else torch.Generator(noise.device).manual_seed(stable_seed(seed, start))
+        block = sample_frames(model, noise[:, :, start : start + frames_per_block], embeds, t_values, sigmas, done,
+                              generator)
+        done = torch.cat([done, block], dim=2)
+    return done
 
 
 def lr_lambda(t):

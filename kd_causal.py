@@ -4,7 +4,10 @@
     torchrun --nproc_per_node=8 kd_causal.py configs/wan_causal.yaml
 
 Everything (cache, student, checkpoints, eval, export) is kd.py's; only the timestep sampler differs: every
-block of `method.num_frames_per_block` latent frames draws its own step index (the last block may be shorter).
+block of `method.num_frames_per_block` latent frames draws its own t_list entry (the last block may be
+shorter). As in Self-Forcing's and CausVid's ODE regression, the draw is over all K + 1 entries: a block that
+draws the final one is the clean x0, the context Self-Forcing's inference gives the blocks after it, and kd.py
+gives it no loss (method.clean_context=false: the K noisy entries only, the seed's sampler).
 """
 
 import sys
@@ -16,11 +19,12 @@ from errors import run_cli
 
 
 class CausalKDTrainer(kd.KDTrainer):
-    """KDTrainer whose timestep sampler draws one step index per block of frames."""
+    """KDTrainer whose timestep sampler draws one t_list entry per block of frames."""
 
     def sample_step_indices(self, generator, batch_size, num_frames):
-        block = self.cfg.method.num_frames_per_block
-        per_block = torch.randint(self.num_steps, (batch_size, -(-num_frames // block)), generator=generator)
+        # the K noisy entries, and the clean x0 as a (K + 1)-th unless method.clean_context is off
+        block, entries = self.cfg.method.num_frames_per_block, self.num_steps + self.cfg.method.clean_context
+        per_block = torch.randint(entries, (batch_size, -(-num_frames // block)), generator=generator)
         return per_block.repeat_interleave(block, dim=1)[:, :num_frames]  # [B, F]
 
 

@@ -613,7 +613,8 @@ def train_overrides(cache, out, *extra):
     return tiny_overrides(cache, "data.num_samples=16", f"training.output_dir={out}",
                           "training.max_steps=100", "training.log_every=1", "training.checkpoint_every=25",
                           "training.keep_checkpoints=2", "training.eval_every=50", "training.eval_samples=2",
-                          "training.num_workers=1", *extra)
+                          "training.num_workers=1", "training.ema_decay=0.9", "training.ema_start_step=30",
+                          *extra)
 
 
 @pytest.fixture(scope="module")
@@ -699,6 +700,8 @@ def test_a_tiny_two_rank_run_learns_and_beats_the_untrained_student(uninterrupte
     assert [e["step"] for e in evals] == [50, 100]
     final = evals[-1]
     assert final["rollout_error"] < final["rollout_error_untrained"]
+    assert final["rollout_error_ema"] < final["rollout_error_untrained"]
+    assert final["rollout_error_ema"] != final["rollout_error"] and "loss_ema" in final
     assert final["rollout_error_teacher"] > 0
     assert "eval step 100" in proc.stdout + proc.stderr and "teacher 4-step" in proc.stdout + proc.stderr
     assert sorted(os.listdir(out)) == ["checkpoint-100", "checkpoint-75", "config.yaml", "eval.jsonl",
@@ -773,6 +776,9 @@ def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_bit_for_bi
     reference = uninterrupted_run[0]
     assert read_jsonl(out / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
     assert read_jsonl(out / "eval.jsonl") == read_jsonl(reference / "eval.jsonl")
+    ema, uninterrupted_ema = (checkpoint_ema(run / "checkpoint-100") for run in (out, reference))
+    assert ema.keys() == uninterrupted_ema.keys()
+    assert all(torch.equal(ema[k], uninterrupted_ema[k]) for k in ema)  # the EMA weights too, bit for bit
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_without_saving(kd_cache, tmp_path):
@@ -803,17 +809,18 @@ def test_a_restart_without_a_checkpoint_drops_the_log_lines_of_the_run_that_fail
 # Causal KD
 
 
-def causal_sampler(frames_per_block=3, num_steps=4):
+def causal_sampler(frames_per_block=3, num_steps=4, clean_context=True):
     import kd_causal
 
     trainer = kd_causal.CausalKDTrainer.__new__(kd_causal.CausalKDTrainer)
-    trainer.cfg = config.Config(method=config.Config(num_frames_per_block=frames_per_block))
+    trainer.cfg = config.Config(method=config.Config(num_frames_per_block=frames_per_block,
+                                                     clean_context=clean_context))
     trainer.num_steps = num_steps
     return trainer.sample_step_indices
 
 
-def test_causal_sampler_draws_one_uniform_step_per_block_with_a_partial_last_block():
-    sample = causal_sampler(frames_per_block=3, num_steps=4)
+def test_the_seed_causal_sampler_draws_one_uniform_noisy_step_per_block_with_a_partial_last_block():
+    sample = causal_sampler(frames_per_block=3, num_steps=4, clean_context=False)
     steps = sample(torch.Generator().manual_seed(0), 4000, 8)  # blocks: frames 0-2, 3-5, 6-7
     assert steps.shape == (4000, 8) and steps.dtype == torch.long
     assert steps.min() == 0 and steps.max() == 3
@@ -907,7 +914,151 @@ def test_a_tiny_causal_run_on_the_same_cache_learns(kd_cache, tmp_path):
     assert "eval step 60" in proc.stdout + proc.stderr
     final = read_jsonl(out / "eval.jsonl")[-1]
     assert final["rollout_error"] < final["rollout_error_untrained"]
+    assert final["rollout_error_streaming"] < final["rollout_error_untrained_streaming"]
+    assert "streaming" in proc.stdout + proc.stderr
+    assert "loss_t0" not in read_jsonl(out / "metrics.jsonl")[0]  # the clean entry is context, not a loss
     assert config.load_config(out / "config.yaml").models.student.attention == "block_causal"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ode_init as Self-Forcing runs it: grid timesteps, clean causal context, streaming sampling, EMA
+
+
+def run_in_process(trainer_cls, cfg):
+    """prepare() and train() one trainer in this process (a one-rank gloo group)."""
+    rank, world_size, device = distributed.init_distributed()
+    try:
+        trainer = trainer_cls(cfg, rank, world_size, device)
+        trainer.prepare()
+        trainer.train()
+    finally:
+        distributed.shutdown_distributed()
+
+
+@pytest.mark.parametrize("student_timesteps, attention", [("grid", "block_causal"), ("t_list", "full")])
+def test_the_student_is_conditioned_on_the_matched_grid_timesteps_unless_asked_for_the_written_ones(
+        kd_cache, tmp_path, monkeypatch, student_timesteps, attention):
+    import kd_causal
+
+    seen = set()
+    velocity = kd.student_velocity
+
+    def spy(model, x_t, t_frames, uniform, prompt_embeds):
+        seen.update(t_frames.flatten().tolist())
+        return velocity(model, x_t, t_frames, uniform, prompt_embeds)
+
+    monkeypatch.setattr(kd, "student_velocity", spy)  # training, eval, rollouts and previews all call it
+    cfg = config.load_config(TINY, train_overrides(
+        kd_cache, tmp_path / "run", "training.max_steps=3", "training.eval_every=3", "training.num_workers=0",
+        "training.ema_decay=0", f"method.student_timesteps={student_timesteps}",
+        f"models.student.attention={attention}", "method.num_frames_per_block=2"))
+    run_in_process(kd_causal.CausalKDTrainer if attention == "block_causal" else kd.KDTrainer, cfg)
+    if student_timesteps == "grid":  # 0: the clean context of the causal student's blocks
+        assert seen == {1000.0, 937.5, torch.tensor(2500 / 3).item(), 625.0, 0.0}
+    else:
+        assert seen == {999.0, 937.0, 833.0, 624.0}
+    assert (tmp_path / "run" / "previews" / "step-3").is_dir()  # the previews' rollouts were among them
+
+
+def test_the_causal_sampler_draws_the_clean_entry_once_in_k_plus_one_per_block():
+    steps = causal_sampler(frames_per_block=3, num_steps=4)(torch.Generator().manual_seed(0), 5000, 8)
+    blocks = steps[:, [0, 3, 6]]  # blocks: frames 0-2, 3-5, 6-7
+    assert steps.min() == 0 and steps.max() == 4  # K + 1 = 5 entries, the last the clean x0
+    for block in ([0, 1, 2], [3, 4, 5], [6, 7]):
+        assert (steps[:, block] == steps[:, block[:1]]).all()
+    for b in range(3):
+        counts = torch.bincount(blocks[:, b], minlength=5).float() / 5000
+        assert (counts - 0.2).abs().max() < 0.02  # uniform over [0, K], per block
+    assert ((blocks == 4).all(dim=1)).any()  # some samples are all context: they carry no loss at all
+
+
+def test_clean_frames_are_read_as_x0_and_carry_zero_loss_and_zero_gradient_but_are_context(reference_cache,
+                                                                                          tiny_student):
+    cfg = tiny_config(reference_cache)
+    grid = flow_matching.teacher_grid(cfg)
+    dataset = kd.TrajectoryDataset(str(reference_cache), grid.positions + [len(grid.recorded)], 512)
+    item = dataset[(0, (4, 4, 0, 0, 4, 4))]
+    assert torch.equal(item["x_t"][:, [0, 1, 4, 5]], item["x0"][:, [0, 1, 4, 5]])  # entry K is x0 itself
+    model = tiny_student("block_causal", frames_per_block=2)
+    x, _, text = student_inputs(4)
+    x0 = torch.randn_like(x)
+    steps = torch.tensor([[2, 2, 0, 0, 1, 1], [0, 0, 1, 1, 2, 2]])  # K = 2: entry 2 is the clean x0
+    t_values, sigmas = torch.tensor([1000.0, 625.0, 0.0]), torch.tensor([1.0, 0.625, 0.0])
+    x_t = torch.where(steps[:, None, :, None, None] == 2, x0, x)
+    losses = kd.kd_frame_losses(model, x_t, x0, t_values[steps], sigmas[steps], False, text)  # [B, F]
+    clean = steps == 2
+    assert losses[clean].eq(0).all() and losses[~clean].gt(0).all()
+    losses[clean].sum().backward()
+    assert all(p.grad is None or p.grad.eq(0).all() for p in model.parameters())
+    noisy_context = x_t.clone()
+    noisy_context[0, :, :2] = x[0, :, :2]
+    changed = kd.kd_frame_losses(model, noisy_context, x0, t_values[steps], sigmas[steps], False, text)
+    assert (changed[0, 2:] - losses[0, 2:]).abs().min() > 0  # later blocks see what the clean block holds
+
+
+def test_a_streaming_block_equals_the_block_causal_student_on_the_assembled_sequence(tiny_student):
+    model = tiny_student("block_causal", frames_per_block=2)  # blocks: frames 0-1, 2-3, 4-5
+    x, _, text = student_inputs(5)
+    x, text = x[:1], text[:1]
+    context, future = torch.randn_like(x[:, :, :2]), torch.randn_like(x[:, :, 4:])
+    t_values, sigmas = torch.tensor([1000.0, 625.0, 0.0]), torch.tensor([1.0, 0.625, 0.0])
+    with torch.no_grad():
+        block = kd.sample_frames(model, x[:, :, 2:4], text, t_values, sigmas, context)
+        state = x[:, :, 2:4]
+        for k in range(2):  # the same sampling, each step one forward of the whole assembled video
+            video = torch.cat([context, state, future], dim=2)
+            t = torch.tensor([[0.0, 0.0, t_values[k], t_values[k], 400.0, 400.0]])
+            v = model(video, t, text, return_dict=False)[0][:, :, 2:4]
+            expected = state - sigmas[k] * v
+            eps = (state - (1 - sigmas[k]) * expected) / sigmas[k]
+            state = flow_matching.add_noise(expected, eps, sigmas[k + 1])
+    assert torch.allclose(block, expected, atol=1e-6)
+
+
+def test_streaming_with_one_block_is_the_rollout_and_with_several_is_seeded_and_differs(tiny_student):
+    x, _, text = student_inputs(6)
+    noise, text = x[:1], text[:1]
+    t_values, sigmas = torch.tensor([1000.0, 833.3333, 0.0]), torch.tensor([1.0, 0.8333333, 0.0])
+    with torch.no_grad():
+        model = tiny_student("block_causal", frames_per_block=6)
+        rollout = kd.sample_frames(model, noise, text, t_values, sigmas)
+        assert torch.equal(kd.streaming_sample(model, noise, text, t_values, sigmas, 6), rollout)
+        fresh = kd.sample_frames(model, noise, text, t_values, sigmas,
+                                 generator=torch.Generator().manual_seed(kd.stable_seed(7, 0)))
+        assert torch.equal(kd.streaming_sample(model, noise, text, t_values, sigmas, 6, seed=7), fresh)
+        model = tiny_student("block_causal", frames_per_block=2)
+        streamed = kd.streaming_sample(model, noise, text, t_values, sigmas, 2, seed=7)
+        assert torch.equal(streamed, kd.streaming_sample(model, noise, text, t_values, sigmas, 2, seed=7))
+        assert not torch.equal(streamed, kd.streaming_sample(model, noise, text, t_values, sigmas, 2, seed=8))
+        assert (streamed - kd.sample_frames(model, noise, text, t_values, sigmas)).abs().max() > 1e-3
+
+
+def test_the_ema_follows_the_hand_computed_sequence_and_swaps_in_and_out_exactly():
+    import ema as ema_module
+
+    model = torch.nn.Linear(3, 2)
+    weights = [torch.randn(2, 3, generator=torch.Generator().manual_seed(s)) for s in range(5)]
+    with torch.no_grad():
+        model.weight.copy_(weights[0])
+        ema = ema_module.EMA(model, decay=0.9, start_step=2)
+        expected = weights[0].clone()
+        for step in range(1, 5):
+            model.weight.copy_(weights[step])
+            ema.update(model, step)
+            expected = weights[step] if step <= 2 else 0.9 * expected + 0.1 * weights[step]
+            assert torch.allclose(ema.state_dict()["weight"], expected, rtol=1e-6, atol=1e-6), step
+            assert step > 2 or torch.equal(ema.state_dict()["weight"], weights[step])  # up to the start: a copy
+    held, average = model.weight.detach().clone(), ema.state_dict()["weight"].clone()
+    with ema.weights_in(model):
+        assert torch.equal(model.weight, average)
+    assert torch.equal(model.weight, held) and torch.equal(ema.state_dict()["weight"], average)
+
+
+def checkpoint_ema(path):
+    """{name: tensor} of the EMA weights a checkpoint holds."""
+    import export
+
+    return export.load_checkpoint_student(str(path), export.run_config(str(path)), ema=True).state_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1071,6 +1222,58 @@ def test_exported_weights_equal_the_checkpoint_and_the_self_forcing_layout(expor
     assert back.keys() == trained.keys() and all(torch.equal(back[k], trained[k]) for k in trained)
     assert os.path.samefile(out / "vae" / "config.json", REPO / "tiny_models" / "wan-tiny-student" / "vae" /
                             "config.json")  # other components are hard links
+
+
+def test_the_self_forcing_file_holds_the_checkpoints_ema_and_ema_export_writes_it(exported, tmp_path):
+    import export
+
+    _, sf, used = exported
+    ema = checkpoint_ema(used)
+    raw = export.load_checkpoint_student(used, export.run_config(used)).state_dict()
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    saved = torch.load(sf, weights_only=True)
+    assert set(saved) == {"generator", "generator_ema"}
+    wan_ema = export.to_wan_keys(ema)
+    assert saved["generator_ema"].keys() == wan_ema.keys()
+    assert all(torch.equal(saved["generator_ema"][k], v) for k, v in wan_ema.items())
+    export.export(used, str(tmp_path / "ema"), ema=True)
+    from diffusers import WanTransformer3DModel
+
+    exported_ema = WanTransformer3DModel.from_pretrained(tmp_path / "ema", subfolder="transformer").state_dict()
+    assert all(torch.equal(exported_ema[k], v) for k, v in ema.items())
+
+
+def test_the_exported_student_sampled_by_stock_diffusers_is_the_evals_rollout(exported, kd_cache,
+                                                                               uninterrupted_run):
+    import functools
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    out, _, used = exported
+    schedule = json.loads((out / "student_sampling.json").read_text())
+    assert schedule["sigmas"] == pytest.approx([1.0, 0.9375, 0.8333333, 0.625])
+    assert schedule["timesteps"] == pytest.approx([1000.0, 937.5, 833.33333, 625.0])
+    # the README's snippet: Euler steps at exactly the student's sigmas (shift 1: taken as given)
+    pipe = WanPipeline.from_pretrained(out)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas=schedule["sigmas"])
+    cfg = config.load_config(Path(used).parent / "config.yaml")
+    grid = flow_matching.teacher_grid(cfg)
+    dataset = kd.TrajectoryDataset(str(kd_cache), grid.positions + [len(grid.recorded)], 16)
+    student = models.load_transformer(str(out), torch.device("cpu"))
+    t_values, sigmas = torch.tensor(schedule["timesteps"] + [0.0]), torch.tensor(schedule["sigmas"] + [0.0])
+    errors_ = []
+    for index in (14, 15):  # the run's held-out samples
+        item = dataset[(index, (0,) * 6)]
+        noise, embeds = item["x_t"][None].float(), item["prompt_embeds"][None].float()
+        latents = pipe(prompt_embeds=embeds, latents=noise, num_inference_steps=4, guidance_scale=1.0,
+                       output_type="latent").frames
+        with torch.no_grad():
+            ours = kd.sample_frames(student, noise, embeds, t_values, sigmas)
+        assert torch.allclose(latents, ours, atol=1e-5)
+        errors_.append((latents[0] - item["x0"].float()).pow(2).mean().item())
+    final = read_jsonl(uninterrupted_run[0] / "eval.jsonl")[-1]
+    assert sum(errors_) / 2 == pytest.approx(final["rollout_error"], rel=1e-4)
 
 
 def test_bf16_export_is_the_checkpoint_rounded_to_bf16(uninterrupted_run, tmp_path):
