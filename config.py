@@ -219,7 +219,7 @@ def validate_config(cfg):
             "e.g. [999, 937, 833, 624, 0]"
         )
     if m.student_sample_steps is None:
-        m.student_sample_steps = len(t_list) - 1
+        m["student_sample_steps"] = len(t_list) - 1
     if len(t_list) != m.student_sample_steps + 1:
         raise ConfigError(
             f"len(t_list)={len(t_list)} must equal student_sample_steps+1={m.student_sample_steps + 1}"

@@ -1259,7 +1259,8 @@ def test_the_exported_student_sampled_by_stock_diffusers_is_the_evals_rollout(ex
     pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas=schedule["sigmas"])
     cfg = config.load_config(Path(used).parent / "config.yaml")
     grid = flow_matching.teacher_grid(cfg)
-    dataset = kd.TrajectoryDataset(str(kd_cache), grid.positions + [len(grid.recorded)], 16)
+    dataset = kd.TrajectoryDataset(str(kd_cache), grid.positions + [len(grid.recorded)],
+                                   cfg.pipeline.max_sequence_length)
     student = models.load_transformer(str(out), torch.device("cpu"))
     t_values, sigmas = torch.tensor(schedule["timesteps"] + [0.0]), torch.tensor(schedule["sigmas"] + [0.0])
     errors_ = []
