@@ -82,9 +82,9 @@ def fingerprint_differences(expected, found):
     """'field: config X, cache Y' for every differing field (None in `expected`: unknown, not compared)."""
     lines = []
     for key in sorted(set(expected) | set(found)):
-        cached = found.get(key, ADDED_FIELDS.get(key))
         if expected.get(key) is None:
             continue
+        cached = found.get(key, ADDED_FIELDS.get(key))
         if expected.get(key) != cached:
             lines.append(f"  {key}: config {expected.get(key)!r}, cache {cached!r}")
     return lines

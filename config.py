@@ -308,7 +308,7 @@ def check_paths(cfg):
     teacher = cfg.models.teacher
     if teacher is not None and os.path.isdir(teacher.init_from):  # the video size against the VAE's factors
         latent_shape(teacher.init_from, cfg)
-        experts = teacher_experts(cfg)["teacher_experts"]  # a boundary to switch at, if it has two
+        experts = teacher_experts(cfg)["teacher_experts"]  # a second expert needs a boundary to switch at
         absent = [e for e in experts if not os.path.exists(os.path.join(teacher.init_from, e, "config.json"))]
         if absent:
             raise ConfigError(f"models.teacher.init_from: {teacher.init_from} has no {absent[0]}/config.json "

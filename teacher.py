@@ -107,7 +107,7 @@ def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidan
         expert, scale = model, guidance_scale
         if low_noise is not None and t < low_noise.boundary:  # diffusers' switch, in float32 as its timesteps
             expert, scale = low_noise.model, low_noise.guidance_scale
-        v = guided_velocity(expert, x, t, prompt_embeds, negative_embeds, scale)
+        v = guided_velocity(expert, x, float(t), prompt_embeds, negative_embeds, scale)
         x = euler_step(x, v, sig[i], sig[i + 1])
     kept.append(x)
     return torch.stack(kept, dim=1)
@@ -119,8 +119,9 @@ def guided_velocity(model, x, t, prompt_embeds, negative_embeds, guidance_scale)
     guided = guidance_scale != 1
     model_in = torch.cat([x, x]) if guided else x
     context = torch.cat([prompt_embeds, negative_embeds]) if guided else prompt_embeds  # [B or 2B, L, D]
+    timestep = torch.full((model_in.shape[0],), t, device=x.device)  # made on the device: no host sync
     with autocast(x.device):
-        v = model(model_in, t.expand(model_in.shape[0]).to(x.device), context, return_dict=False)[0].float()
+        v = model(model_in, timestep, context, return_dict=False)[0].float()
     if guided:
         cond, uncond = v.chunk(2)
         v = uncond + guidance_scale * (cond - uncond)
