@@ -6,6 +6,7 @@ student learns by MSE to predict the teacher's final clean latent x0 from the ca
 
     torchrun --standalone --nproc_per_node=2 kd.py configs/tiny.yaml    # the tiny demo, on CPU
     torchrun --nproc_per_node=8 kd.py configs/wan.yaml                  # Wan2.1-T2V-14B -> 1.3B, one node
+    torchrun --nproc_per_node=8 kd.py configs/wan22.yaml                # Wan2.2-T2V-A14B (two experts) -> 1.3B
     python kd.py configs/tiny.yaml training.max_steps=20                # one process, without torchrun
 
 Overrides after the config file are dotted keys whose values are parsed as YAML. With a teacher configured, an
