@@ -24,6 +24,7 @@ from atomic_files import write_atomic
 from config import latent_shape, read_prompts
 from errors import CacheError, one_line
 from flow_matching import teacher_grid
+from teacher import teacher_experts
 
 CACHE_FORMAT_VERSION = 2  # 2: per-slice CRC32 checksums in each sample file's metadata
 REGENERATE_HINT = "rerun generate_cache.py with the same config to regenerate it"
@@ -57,6 +58,7 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
         "teacher": cfg.models.teacher.init_from if cfg.models.teacher else None,
         "teacher_inference_steps": m.teacher_inference_steps,
         "teacher_guidance_scale": m.teacher_guidance_scale,
+        **teacher_experts(cfg),  # which experts ran, where they switched, the low-noise expert's guidance
         "teacher_negative_prompt": m.teacher_negative_prompt,
         "flow_shift": p.flow_shift,
         "num_frames": p.num_frames,
@@ -72,14 +74,19 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
     }
 
 
+# Fingerprint fields added after format 2, with the value that every cache written before them had
+ADDED_FIELDS = {"teacher_experts": ["transformer"]}
+
+
 def fingerprint_differences(expected, found):
     """'field: config X, cache Y' for every differing field (None in `expected`: unknown, not compared)."""
     lines = []
     for key in sorted(set(expected) | set(found)):
         if expected.get(key) is None:
             continue
-        if expected.get(key) != found.get(key):
-            lines.append(f"  {key}: config {expected.get(key)!r}, cache {found.get(key)!r}")
+        cached = found.get(key, ADDED_FIELDS.get(key))
+        if expected.get(key) != cached:
+            lines.append(f"  {key}: config {expected.get(key)!r}, cache {cached!r}")
     return lines
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from errors import ConfigError, one_line
 from flow_matching import NUM_TRAIN_TIMESTEPS, teacher_grid
+from teacher import teacher_experts
 
 
 class Opt:
@@ -47,6 +48,10 @@ DEFAULTS = {
         "t_list": [999, 937, 833, 624, 0],  # student timesteps (0..1000), strictly decreasing, ending at 0
         "student_sample_steps": Opt(int),  # number of student steps; defaults to len(t_list) - 1
         "teacher_guidance_scale": 1.0,  # classifier-free guidance g: uncond + g * (cond - uncond); 1 = no CFG
+        # Two-expert (Wan2.2 A14B) teachers only, whose model_index.json names a transformer_2; their
+        # teacher_guidance_scale is the high-noise expert's (Wan2.2-T2V-A14B: 4.0).
+        "teacher_guidance_scale_2": 3.0,  # CFG g of the low-noise expert (Wan2.2-T2V-A14B's 3.0)
+        "teacher_boundary_ratio": Opt(float),  # high-noise expert while t >= ratio * 1000; None: model_index's
         "teacher_inference_steps": 48,  # Euler steps of the teacher's ODE
         "teacher_negative_prompt": WAN_NEGATIVE_PROMPT,  # the unconditional prompt of CFG
         "num_frames_per_block": 3,  # latent frames sharing one noise level (causal students)
@@ -239,8 +244,11 @@ def validate_config(cfg):
     if not 1 <= m.teacher_inference_steps <= NUM_TRAIN_TIMESTEPS:
         raise ConfigError(f"method.teacher_inference_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], "
                           f"got {m.teacher_inference_steps}")
-    if m.teacher_guidance_scale < 0:
-        raise ConfigError(f"method.teacher_guidance_scale must be >= 0, got {m.teacher_guidance_scale}")
+    for key in ("teacher_guidance_scale", "teacher_guidance_scale_2"):
+        if m[key] < 0:
+            raise ConfigError(f"method.{key} must be >= 0, got {m[key]}")
+    if m.teacher_boundary_ratio is not None and not 0 <= m.teacher_boundary_ratio <= 1:
+        raise ConfigError(f"method.teacher_boundary_ratio must be in [0, 1], got {m.teacher_boundary_ratio}")
     if m.t_list_tolerance < 0:
         raise ConfigError("method.t_list_tolerance must be >= 0")
     if m.student_timesteps not in ("grid", "t_list"):
@@ -315,6 +323,11 @@ def check_paths(cfg):
     teacher = cfg.models.teacher
     if teacher is not None and os.path.isdir(teacher.init_from):  # the video size against the VAE's factors
         latent_shape(teacher.init_from, cfg)
+        experts = teacher_experts(cfg)["teacher_experts"]  # a second expert needs a boundary to switch at
+        absent = [e for e in experts if not os.path.exists(os.path.join(teacher.init_from, e, "config.json"))]
+        if absent:
+            raise ConfigError(f"models.teacher.init_from: {teacher.init_from} has no {absent[0]}/config.json "
+                              "(its model_index.json names that expert)")
     for field, path in (("method.teacher_path_cache", cfg.method.teacher_path_cache),
                         ("training.output_dir", cfg.training.output_dir)):
         if os.path.exists(path) and not os.path.isdir(path):

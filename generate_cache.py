@@ -114,7 +114,7 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
     if not indices:
         return
 
-    model = load_teacher(cfg.models.teacher.init_from, device)  # frozen and replicated: no FSDP here
+    model, low_noise = load_teacher(cfg, device)  # frozen, replicated (no FSDP), both experts of a Wan2.2
     grid = teacher_grid(cfg)
     timesteps = torch.tensor(fingerprint["timesteps"], dtype=torch.float32)
     negative_in = pad_embeds(negative, max_len).float()[None].to(device)  # [1, max_len, D]
@@ -129,7 +129,7 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
         noise = initial_noise(fingerprint["latent_shape"], seed).to(device)  # [1, C, F, H, W]
         prompt_in = pad_embeds(embeds[i], max_len).float()[None].to(device)  # [1, max_len, D]
         states = teacher_rollout(model, noise, prompt_in, negative_in, grid.sigmas, m.teacher_guidance_scale,
-                                 grid.recorded)  # [1, K+1, C, F, H, W]
+                                 grid.recorded, low_noise)  # [1, K+1, C, F, H, W]
         if not torch.isfinite(states).all():  # a diverged teacher must not leave a checksummed, poisoned file
             raise FloatingPointError(f"the teacher's trajectory for sample {i} (prompt {prompts[i]!r}) is "
                                      "not finite; nothing was written for it")
@@ -143,7 +143,7 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
                     written[r] += 1
             bar.update(done_before + sum(written) - bar.n)
     bar.close()
-    del model
+    del model, low_noise
     free_device_memory(device)
 
 

@@ -6,6 +6,7 @@ student learns by MSE to predict the teacher's final clean latent x0 from the ca
 
     torchrun --standalone --nproc_per_node=2 kd.py configs/tiny.yaml    # the tiny demo, on CPU
     torchrun --nproc_per_node=8 kd.py configs/wan.yaml                  # Wan2.1-T2V-14B -> 1.3B, one node
+    torchrun --nproc_per_node=8 kd.py configs/wan22.yaml                # Wan2.2-T2V-A14B (two experts) -> 1.3B
     python kd.py configs/tiny.yaml training.max_steps=20                # one process, without torchrun
 
 Overrides after the config file are dotted keys whose values are parsed as YAML. With a teacher configured, an
@@ -660,9 +661,9 @@ def lr_lambda(t):
 
 
 def teacher_k_step_samples(cfg, indices, load_sample, sigmas, max_len, device):
-    """{index: x0 [C, F, H, W]} of the teacher's own sampling over the student's K grid points, with CFG, from
-    each sample's cached initial noise; load_sample(index) gives (states, x0, embeds) as KDTrainer loads them.
-    """
+    """{index: x0 [C, F, H, W]} of the teacher's own sampling over the student's K grid points, with CFG (and a
+    Wan2.2 teacher's expert switch), from each sample's cached initial noise; load_sample(index) gives (states,
+    x0, embeds) as KDTrainer loads them."""
     if not indices:
         return {}
     negative = read_negative_embeds(cfg.method.teacher_path_cache)
@@ -671,8 +672,7 @@ def teacher_k_step_samples(cfg, indices, load_sample, sigmas, max_len, device):
     for index in indices:
         states, _, embeds = load_sample(index)
         samples[index] = (states[:1], embeds)  # the initial noise [1, C, F, H, W], prompt [1, L, D]
-    return teacher_k_step(cfg.models.teacher.init_from, samples, negative, sigmas.double().cpu(),
-                          cfg.method.teacher_guidance_scale, device)
+    return teacher_k_step(cfg, samples, negative, sigmas.double().cpu(), device)
 
 
 def rollout_error(x0_of, indices, load_sample, rank, world_size, device):

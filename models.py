@@ -18,12 +18,27 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def load_transformer(init_from, device, dtype=torch.float32):
-    """The WanTransformer3DModel of `init_from`'s transformer/ subfolder, on `device`."""
+def load_transformer(init_from, device, dtype=torch.float32, subfolder="transformer"):
+    """The WanTransformer3DModel of `init_from`'s `subfolder` (transformer/, or a Wan2.2 transformer_2/)."""
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel.from_pretrained(init_from, subfolder="transformer", torch_dtype=dtype)
+    model = WanTransformer3DModel.from_pretrained(init_from, subfolder=subfolder, torch_dtype=dtype)
     return model.to(device)
+
+
+def pipeline_index(init_from):
+    """The model directory's (or hub id's) model_index.json as a dict: its components and pipeline config; {}
+    for a local directory without one (a bare transformer/, text_encoder/, ... layout)."""
+    from diffusers import DiffusionPipeline
+
+    if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "model_index.json")):
+        return {}
+    return DiffusionPipeline.load_config(init_from)
+
+
+def has_second_expert(index):
+    """Whether a model_index.json names a transformer_2 (Wan2.2's low-noise expert); Wan2.1 has none."""
+    return (index.get("transformer_2") or [None, None])[-1] is not None
 
 
 def load_text_encoder(init_from, device):

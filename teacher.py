@@ -2,17 +2,68 @@
 
 generate_cache.py rolls it out over its full grid to write the cache; kd.py's eval rolls it out over the
 student's K grid points (its own few-step sampling, the reference the student should beat).
+
+A Wan2.2 A14B teacher is two experts that split the trajectory, as diffusers' WanPipeline runs them:
+`transformer` (high noise) with method.teacher_guidance_scale while t >= boundary_ratio * 1000, then
+`transformer_2` (low noise) with method.teacher_guidance_scale_2.
 """
+
+from typing import NamedTuple
 
 import torch
 
+from errors import ConfigError
 from flow_matching import NUM_TRAIN_TIMESTEPS, euler_step
-from models import autocast, compute_dtype, load_transformer
+from models import autocast, compute_dtype, has_second_expert, load_transformer, pipeline_index
 
 
-def load_teacher(init_from, device):
-    """The frozen teacher transformer: bf16 weights on GPU (it needs no fp32 master weights), eval mode."""
-    return load_transformer(init_from, device, compute_dtype(device)).eval().requires_grad_(False)
+class LowNoiseExpert(NamedTuple):
+    """Wan2.2's second expert: it runs, with its own CFG scale, the steps whose timestep is below `boundary`."""
+
+    model: torch.nn.Module
+    guidance_scale: float
+    boundary: float  # boundary_ratio * 1000, in timesteps
+
+
+def teacher_experts(cfg):
+    """The fingerprint of cfg's teacher experts: {teacher_experts: subfolders, teacher_boundary_ratio,
+    teacher_guidance_scale_2}; the last two None for a single-expert (Wan2.1) teacher, all None without one.
+
+    Whether there is a second expert is read from the teacher's model_index.json (transformer_2); the boundary
+    is method.teacher_boundary_ratio, by default the model_index.json's boundary_ratio.
+    """
+    none = {"teacher_experts": None, "teacher_boundary_ratio": None, "teacher_guidance_scale_2": None}
+    if cfg.models.teacher is None:
+        return none
+    init_from, m = cfg.models.teacher.init_from, cfg.method
+    index = pipeline_index(init_from)
+    if not has_second_expert(index):
+        if m.teacher_boundary_ratio is not None:
+            raise ConfigError(f"method.teacher_boundary_ratio is set but the teacher {init_from} has one expert "
+                              "(no transformer_2 in its model_index.json); remove it")
+        return {**none, "teacher_experts": ["transformer"]}
+    ratio = m.teacher_boundary_ratio if m.teacher_boundary_ratio is not None else index.get("boundary_ratio")
+    if ratio is None:
+        raise ConfigError(f"the teacher {init_from} has a transformer_2 but no boundary_ratio in its "
+                          "model_index.json; set method.teacher_boundary_ratio")
+    return {"teacher_experts": ["transformer", "transformer_2"], "teacher_boundary_ratio": float(ratio),
+            "teacher_guidance_scale_2": m.teacher_guidance_scale_2}
+
+
+def load_expert(init_from, device, subfolder="transformer"):
+    """A frozen teacher transformer: bf16 weights on GPU (it needs no fp32 master weights), eval mode."""
+    return load_transformer(init_from, device, compute_dtype(device), subfolder).eval().requires_grad_(False)
+
+
+def load_teacher(cfg, device):
+    """(high-noise or only expert, LowNoiseExpert or None) of cfg's teacher, both resident on `device`."""
+    experts, init_from = teacher_experts(cfg), cfg.models.teacher.init_from
+    model = load_expert(init_from, device)
+    if experts["teacher_boundary_ratio"] is None:
+        return model, None
+    return model, LowNoiseExpert(load_expert(init_from, device, "transformer_2"),
+                                 experts["teacher_guidance_scale_2"],
+                                 experts["teacher_boundary_ratio"] * NUM_TRAIN_TIMESTEPS)
 
 
 def pad_embeds(embeds, length):
@@ -36,16 +87,15 @@ def encode_prompt(encoder, tokenizer, prompt, max_length, device):
 
 
 @torch.no_grad()
-def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidance_scale, record_steps):
+def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidance_scale, record_steps,
+                    low_noise=None):
     """Euler over the teacher's sigma grid with classifier-free guidance; the kept states and x0, fp32.
 
     model: any module with WanTransformer3DModel's forward(hidden_states, timestep, encoder_hidden_states,
     return_dict=False) returning the velocity v = eps - x0. noise [B, C, F, H, W]; prompt_embeds,
     negative_embeds [B, L, D] (negative unused when guidance_scale == 1); sigmas [N] descending from 1 (the
-    final 0 is implied); record_steps: step indices whose pre-step state is kept. Returns [B,
-    len(record_steps) + 1, C, F, H, W]."""
-    guided = guidance_scale != 1
-    context = torch.cat([prompt_embeds, negative_embeds]) if guided else prompt_embeds  # [B or 2B, L, D]
+    final 0 is implied); record_steps: step indices whose pre-step state is kept; low_noise: a LowNoiseExpert
+    that takes over below its boundary (Wan2.2), or None. Returns [B, len(record_steps) + 1, C, F, H, W]."""
     sig = [float(s) for s in sigmas] + [0.0]
     record = set(record_steps)
     x = noise.float()
@@ -53,25 +103,40 @@ def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidan
     for i in range(len(sigmas)):
         if i in record:
             kept.append(x)
-        model_in = torch.cat([x, x]) if guided else x  # cond and uncond in one batched forward
-        t = torch.full((model_in.shape[0],), sig[i] * NUM_TRAIN_TIMESTEPS, device=x.device)
-        with autocast(x.device):
-            v = model(model_in, t, context, return_dict=False)[0].float()
-        if guided:
-            cond, uncond = v.chunk(2)
-            v = uncond + guidance_scale * (cond - uncond)
+        t = torch.tensor(sig[i] * NUM_TRAIN_TIMESTEPS, dtype=torch.float32)  # as the model sees it
+        expert, scale = model, guidance_scale
+        if low_noise is not None and t < low_noise.boundary:  # diffusers' switch, in float32 as its timesteps
+            expert, scale = low_noise.model, low_noise.guidance_scale
+        v = guided_velocity(expert, x, float(t), prompt_embeds, negative_embeds, scale)
         x = euler_step(x, v, sig[i], sig[i + 1])
     kept.append(x)
     return torch.stack(kept, dim=1)
 
 
+def guided_velocity(model, x, t, prompt_embeds, negative_embeds, guidance_scale):
+    """v [B, C, F, H, W] fp32 at timestep t: uncond + g * (cond - uncond), cond and uncond in one batched
+    forward; the conditional forward alone when g == 1."""
+    guided = guidance_scale != 1
+    model_in = torch.cat([x, x]) if guided else x
+    context = torch.cat([prompt_embeds, negative_embeds]) if guided else prompt_embeds  # [B or 2B, L, D]
+    timestep = torch.full((model_in.shape[0],), t, device=x.device)  # made on the device: no host sync
+    with autocast(x.device):
+        v = model(model_in, timestep, context, return_dict=False)[0].float()
+    if guided:
+        cond, uncond = v.chunk(2)
+        v = uncond + guidance_scale * (cond - uncond)
+    return v
+
+
 @torch.no_grad()
-def teacher_k_step(init_from, samples, negative_embeds, sigmas, guidance_scale, device):
-    """{index: x0 [C, F, H, W]} of the teacher's own sampling over the student's K grid points, with CFG.
+def teacher_k_step(cfg, samples, negative_embeds, sigmas, device):
+    """{index: x0 [C, F, H, W]} of the teacher's own sampling over the student's K grid points, with CFG (and
+    its expert switch).
 
     samples: {index: (initial state [1, C, F, H, W], prompt embeddings [1, L, D])}; negative_embeds [1, L, D];
     sigmas [K] the student's matched sigmas. The teacher is loaded for the call and freed after it.
     """
-    model = load_teacher(init_from, device)
-    return {index: teacher_rollout(model, noise, embeds, negative_embeds, sigmas, guidance_scale, [])[0, -1]
+    model, low_noise = load_teacher(cfg, device)
+    g = cfg.method.teacher_guidance_scale
+    return {index: teacher_rollout(model, noise, embeds, negative_embeds, sigmas, g, [], low_noise)[0, -1]
             for index, (noise, embeds) in samples.items()}

@@ -384,6 +384,188 @@ def test_guidance_above_one_equals_separate_cond_and_uncond_forwards(tiny_teache
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Wan2.2 two-expert teachers: the expert switch as diffusers' WanPipeline runs it, fingerprint, end to end
+
+
+MOE = REPO / "tiny_models" / "wan-tiny-moe-teacher"
+TINY_WAN22 = REPO / "configs" / "tiny_wan22.yaml"
+
+
+def tiny_wan22_overrides(cache_dir, *extra):
+    """configs/tiny_wan22.yaml made independent of the working directory, writing to `cache_dir`."""
+    return [f"models.student.init_from={REPO}/tiny_models/wan-tiny-student", f"models.teacher.init_from={MOE}",
+            f"data.prompts={REPO}/prompts/example.txt", f"method.teacher_path_cache={cache_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def moe_pipeline():
+    """diffusers' own WanPipeline of the tiny two-expert teacher (transformer, transformer_2, boundary 0.875)."""
+    from diffusers import WanPipeline
+
+    tiny_demo.ensure_model_dir(str(MOE))
+    pipe = WanPipeline.from_pretrained(MOE)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_pipeline_states(pipe, noise, cond, uncond, sigmas, shift, g, g2):
+    """The states [1, N, C, F, H, W] after each step of WanPipeline from `noise`, under a flow-matching Euler
+    scheduler with `shift` set to the (unshifted) `sigmas` [N]."""
+    import functools
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=[float(s) for s in sigmas])
+    pipe.scheduler = scheduler
+    states = []
+
+    def keep(pipe, i, t, tensors):
+        states.append(tensors["latents"].clone())
+        return {}
+
+    _, _, frames, h, w = noise.shape
+    pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise.clone(), num_inference_steps=len(sigmas),
+         num_frames=(frames - 1) * 4 + 1, height=h * 8, width=w * 8, guidance_scale=g, guidance_scale_2=g2,
+         output_type="latent", callback_on_step_end=keep)
+    return torch.stack(states, dim=1)
+
+
+def test_two_expert_rollout_equals_diffusers_wan_pipeline_state_for_state(moe_pipeline):
+    noise, cond, uncond = random_inputs(2)
+    steps, shift = 24, 5.0  # grid step 10 is t = 875 exactly: the boundary itself, run by the high-noise expert
+    expected = wan_pipeline_states(moe_pipeline, noise, cond, uncond, torch.linspace(1, 0, steps + 1)[:-1],
+                                   shift, 4.0, 3.0)
+    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides("unused"))
+    model, low_noise = teacher.load_teacher(cfg, torch.device("cpu"))
+    assert (low_noise.boundary, low_noise.guidance_scale) == (875.0, 3.0)
+    sigmas = flow_matching.shifted_sigmas(steps, shift)
+    ours = teacher.teacher_rollout(model, noise, cond, uncond, sigmas, 4.0, range(steps), low_noise)[:, 1:]
+    assert (ours - expected).abs().max() < 1e-4, (ours - expected).abs().amax(dim=(0, 2, 3, 4, 5))
+    high_only = teacher.teacher_rollout(model, noise, cond, uncond, sigmas, 4.0, [])
+    assert (high_only[0, -1] - expected[0, -1]).abs().max() > 1e-2  # the second expert did change the result
+
+
+def test_eval_teacher_k_step_reference_equals_wan_pipeline_on_the_students_grid(moe_pipeline):
+    noise, cond, uncond = random_inputs(3)
+    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides("unused"))
+    student_sigmas = torch.tensor(flow_matching.teacher_grid(cfg).student_sigmas, dtype=torch.float64)
+    assert [s * 1000 >= 875 for s in student_sigmas] == [True, True, False, False]  # two steps per expert
+    ours = teacher.teacher_k_step(cfg, {0: (noise, cond)}, uncond, student_sigmas, torch.device("cpu"))[0]
+    expected = wan_pipeline_states(moe_pipeline, noise, cond, uncond, student_sigmas, 1.0, 4.0, 3.0)[0, -1]
+    assert (ours - expected).abs().max() < 1e-4
+
+
+class ConstantVelocity(torch.nn.Module):
+    """A stand-in expert: velocity `value` everywhere; it notes the timesteps it was called at."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value, self.timesteps = value, []
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
+        self.timesteps.append(float(timestep[0]))
+        return (torch.full_like(hidden_states, self.value),)
+
+
+@pytest.mark.parametrize("ratio", [0.875, 0.5])
+def test_the_high_noise_expert_runs_while_t_is_at_least_the_boundary_then_the_low_noise_expert(ratio):
+    noise, cond, uncond = random_inputs(4)
+    steps, sigmas = 24, flow_matching.shifted_sigmas(24, 5.0)
+    high, low = ConstantVelocity(1.0), ConstantVelocity(-2.0)
+    final = teacher.teacher_rollout(high, noise, cond, uncond, sigmas, 4.0, [],
+                                    teacher.LowNoiseExpert(low, 3.0, ratio * 1000))[0, -1]
+    timesteps = (sigmas * 1000).float().tolist()
+    first_low = next(i for i, t in enumerate(timesteps) if t < ratio * 1000)
+    assert high.timesteps == timesteps[:first_low] and low.timesteps == timesteps[first_low:]
+    assert first_low == {0.875: 11, 0.5: 21}[ratio]  # step 10 is t = 875 exactly: still the high-noise expert
+    # Euler with constant velocities: 1 -> sigma_switch at velocity 1, then sigma_switch -> 0 at velocity -2
+    switch = float(sigmas[first_low])
+    assert torch.allclose(final, noise[0] + (switch - 1) * 1.0 - switch * -2.0, atol=1e-5)
+
+
+def test_expert_settings_come_from_model_index_and_config_with_clear_errors(tmp_path):
+    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides(tmp_path / "c"))
+    assert teacher.teacher_experts(cfg) == {"teacher_experts": ["transformer", "transformer_2"],
+                                            "teacher_boundary_ratio": 0.875, "teacher_guidance_scale_2": 3.0}
+    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides(tmp_path / "c", "method.teacher_boundary_ratio=0.5"))
+    assert teacher.teacher_experts(cfg)["teacher_boundary_ratio"] == 0.5
+    single = tiny_config(tmp_path / "c", "method.teacher_boundary_ratio=0.9")
+    with pytest.raises(errors.ConfigError, match="method.teacher_boundary_ratio is set but the teacher .* has "
+                                                 "one expert"):
+        config.check_paths(single)
+    with pytest.raises(errors.ConfigError, match=r"method.teacher_boundary_ratio must be in \[0, 1\], got 1.5"):
+        config.load_config(TINY_WAN22, tiny_wan22_overrides(tmp_path / "c", "method.teacher_boundary_ratio=1.5"))
+    broken = tmp_path / "moe"
+    shutil.copytree(MOE, broken)
+    shutil.rmtree(broken / "transformer_2")
+    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides(tmp_path / "c", f"models.teacher.init_from={broken}"))
+    with pytest.raises(errors.ConfigError, match=f"models.teacher.init_from: {broken} has no transformer_2/"):
+        config.check_paths(cfg)
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": None}))
+    with pytest.raises(errors.ConfigError, match="no boundary_ratio in its model_index.json; set "
+                                                 "method.teacher_boundary_ratio"):
+        teacher.teacher_experts(cfg)
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    """kd.py on configs/tiny_wan22.yaml, small: the two-expert teacher writes the cache, the student trains,
+    evaluates against the teacher's K-step reference and previews; then export.py."""
+    root = tmp_path_factory.mktemp("moe")
+    args = tiny_wan22_overrides(root / "cache", f"training.output_dir={root / 'run'}", "data.num_samples=6",
+                                "training.max_steps=20", "training.eval_every=20", "training.checkpoint_every=20",
+                                "training.num_workers=0", "training.preview_samples=1")
+    proc = run_script("kd.py", TINY_WAN22, *args)
+    run_script("export.py", "--checkpoint", root / "run", "--output-dir", root / "export", "--verify")
+    return root, proc
+
+
+def test_a_tiny_two_expert_run_caches_trains_evaluates_and_exports(moe_run):
+    root, proc = moe_run
+    meta = json.loads((root / "cache" / "metadata.json").read_text())
+    assert (meta["teacher_experts"], meta["teacher_boundary_ratio"], meta["teacher_guidance_scale_2"],
+            meta["teacher_guidance_scale"]) == (["transformer", "transformer_2"], 0.875, 3.0, 4.0)
+    assert meta["timesteps"] == pytest.approx([1000.0, 936.17, 837.209, 631.579, 0.0], abs=1e-3)
+    final = read_jsonl(root / "run" / "eval.jsonl")[-1]
+    assert final["step"] == 20 and final["rollout_error"] < final["rollout_error_untrained"]
+    assert final["rollout_error_teacher"] > 0
+    assert (root / "run" / "previews" / "step-20" / "sample-4.png").exists()
+    assert "teacher 40-step x0 | teacher 4-step | student 4-step" in proc.stdout + proc.stderr
+    assert (root / "export" / "transformer" / "config.json").exists()
+
+
+@pytest.mark.parametrize("override, field", [
+    ("method.teacher_guidance_scale_2=2.0", "teacher_guidance_scale_2: config 2.0, cache 3.0"),
+    ("method.teacher_boundary_ratio=0.9", "teacher_boundary_ratio: config 0.9, cache 0.875"),
+    ("method.teacher_guidance_scale=5.0", "teacher_guidance_scale: config 5.0, cache 4.0"),
+])
+def test_a_cache_of_another_boundary_or_expert_guidance_is_refused_naming_the_field(moe_run, override, field):
+    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides(moe_run[0] / "cache", "data.num_samples=6",
+                                                              override))
+    with pytest.raises(errors.CacheError, match="made with a different configuration") as e:
+        generate_cache.generate_cache(cfg)
+    assert field in str(e.value)
+
+
+def test_a_cache_of_other_experts_is_refused_and_older_single_expert_caches_are_still_read(moe_run, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(moe_run[0] / "cache", cache)
+    meta = json.loads((cache / "metadata.json").read_text())
+    (cache / "metadata.json").write_text(json.dumps({**meta, "teacher_experts": ["transformer"]}))
+    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides(cache, "data.num_samples=6"))
+    with pytest.raises(errors.CacheError, match=r"teacher_experts: config \['transformer', 'transformer_2'\], "
+                                                r"cache \['transformer'\]"):
+        cache_format.open_cache(cfg)
+    # A cache written before the expert fields existed is a single-expert cache: a Wan2.1 config still reads it.
+    single = {k: v for k, v in cache_format.cache_fingerprint(tiny_config(cache)).items()
+              if k not in ("teacher_experts", "teacher_boundary_ratio", "teacher_guidance_scale_2")}
+    (cache / "metadata.json").write_text(json.dumps(single))
+    assert cache_format.check_cache_metadata(cache, cache_format.cache_fingerprint(tiny_config(cache))) == single
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The cache: layout, resuming on any number of ranks, repair
 
 
@@ -726,11 +908,11 @@ def test_missing_cache_with_a_teacher_is_generated_and_the_teacher_freed_before_
     teachers, checked = [], []
     load_transformer, load_text_encoder = models.load_transformer, models.load_text_encoder
 
-    def spy_transformer(init_from, device, dtype=torch.float32):
+    def spy_transformer(init_from, device, dtype=torch.float32, subfolder="transformer"):
         if "student" in str(init_from):
             gc.collect()
             checked.append([ref() is None for ref in teachers])
-        model = load_transformer(init_from, device, dtype)
+        model = load_transformer(init_from, device, dtype, subfolder)
         if "teacher" in str(init_from):
             teachers.append(weakref.ref(model))
         return model

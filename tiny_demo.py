@@ -80,6 +80,10 @@ RANDOM_MODELS = {  # offline random Wan pipelines, built on first use at any pat
     "wan-tiny-student": dict(layers=2, heads=2, head_dim=12, ffn_dim=48, seed=2),
     "wan-bench-small": dict(layers=2, heads=4, head_dim=64, ffn_dim=1024, seed=3),  # bench.py: compute-bound
 }
+TWO_EXPERT_MODELS = {  # offline random two-expert pipelines (Wan2.2 A14B's layout), built like RANDOM_MODELS
+    "wan-tiny-moe-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=4, seed_2=5,
+                                 boundary_ratio=0.875),
+}
 RANDOM_TINY_SETTINGS = [  # overrides for the random models (configs/tiny.yaml is tuned for the demo models)
     "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
 ]
@@ -146,6 +150,19 @@ def make_random_wan(path, layers, heads, head_dim, ffn_dim, seed):
     pipe.save_pretrained(path)
 
 
+def make_random_two_expert_wan(path, boundary_ratio, seed_2, **first):
+    """make_random_wan's directory plus a second random transformer of the same size (transformer_2, the
+    low-noise expert, drawn from `seed_2`) and `boundary_ratio`, saved by WanPipeline into model_index.json as
+    diffusers saves Wan2.2-T2V-A14B."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    make_random_wan(path, **first)
+    components = WanPipeline.from_pretrained(path).components
+    torch.manual_seed(seed_2)
+    components["transformer_2"] = WanTransformer3DModel.from_config(components["transformer"].config)
+    WanPipeline(**components, boundary_ratio=boundary_ratio).save_pretrained(path)
+
+
 def random_tiny_overrides(cache_dir):
     """configs/tiny.yaml overrides for the random tiny teacher and student (absolute paths), the example
     prompts and the cache `cache_dir`: the setting of the tests and faults.py."""
@@ -172,7 +189,8 @@ def ensure_model_dir(init_from):
     The demo models are built together, side by side (they share text encoder, VAE and the encoded data set).
     """
     name = os.path.basename(os.path.normpath(init_from))
-    if (name not in RANDOM_MODELS and name not in DEMO_MODELS) or os.path.exists(init_from):
+    known = name in RANDOM_MODELS or name in DEMO_MODELS or name in TWO_EXPERT_MODELS
+    if not known or os.path.exists(init_from):
         return init_from
     folder = os.path.dirname(os.path.normpath(init_from)) or "."
     group = tuple(DEMO_MODELS) if name in DEMO_MODELS else (name,)
@@ -186,6 +204,8 @@ def ensure_model_dir(init_from):
                 shutil.rmtree(path, ignore_errors=True)
             if name in DEMO_MODELS:
                 build(tmp)
+            elif name in TWO_EXPERT_MODELS:
+                make_random_two_expert_wan(tmp[name], **TWO_EXPERT_MODELS[name])
             else:
                 make_random_wan(tmp[name], **RANDOM_MODELS[name])
             for n, path in tmp.items():
