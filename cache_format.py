@@ -73,10 +73,11 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
 
 
 def fingerprint_differences(expected, found):
-    """'field: config X, cache Y' for every differing field (None in `expected`: unknown, not compared)."""
+    """'field: config X, cache Y' for every differing field (None on either side: unknown, not compared; an
+    imported cache cannot know its guidance scale, negative prompt or seed)."""
     lines = []
     for key in sorted(set(expected) | set(found)):
-        if expected.get(key) is None:
+        if expected.get(key) is None or (key in found and found[key] is None):
             continue
         if expected.get(key) != found.get(key):
             lines.append(f"  {key}: config {expected.get(key)!r}, cache {found.get(key)!r}")

@@ -1165,3 +1165,111 @@ def test_the_quick_fault_campaign_loses_nothing_and_every_bad_input_is_a_clear_e
         assert int(trials) >= 1 and survived == trials and lost == "0", scenario
         assert clear == "n/a" or clear.split("/")[0] == clear.split("/")[1], scenario
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pairs in the field's LMDB layout (Self-Forcing, CausVid, Causal-Forcing): import and export (lmdb_pairs.py)
+
+
+PAIR_T_LISTS = {"self_forcing": [1000, 960, 889, 727, 0], "causvid": [1000, 757, 522, 0],
+                "causal_forcing": [999, 937, 833, 624, 0]}
+PAIR_PROMPTS = ["a cat walks along the beach", "a red car drives at night", "a cat walks along the beach",
+                "two dogs play with a ball", "a drone flies over snowy mountains", "coffee poured into a cup"]
+
+
+def pair_rows(grid, n, seed=0):
+    """n random fp16 rows [n, S, F, C, H, W] for the tiny video size (6 latent frames of 16 x 8 x 8)."""
+    return torch.randn(n, len(grid.indices), 6, 16, 8, 8, generator=torch.Generator().manual_seed(seed)).half()
+
+
+def write_field_lmdb(path, rows, prompts, latents_shape=None, row_bytes=None, prompt_bytes=None):
+    """An LMDB environment in the field's layout, written with the lmdb library from the layout alone:
+    latents_{i}_data raw fp16 bytes, prompts_{i}_data UTF-8, '*_shape' space-separated. The keyword arguments
+    replace the shape string, or a row's bytes ({row: bytes}), to make a bad input."""
+    import lmdb
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(path), map_size=2**30)
+    with env.begin(write=True) as txn:
+        for i, (row, prompt) in enumerate(zip(rows, prompts)):
+            txn.put(f"latents_{i}_data".encode(), (row_bytes or {}).get(i, row.numpy().tobytes()))
+            txn.put(f"prompts_{i}_data".encode(), (prompt_bytes or {}).get(i, prompt.encode()))
+        if latents_shape != "":
+            txn.put(b"latents_shape", (latents_shape or " ".join(map(str, rows.shape))).encode())
+        txn.put(b"prompts_shape", str(len(prompts)).encode())
+    env.close()
+
+
+def read_field_lmdb(path):
+    """[(ode_latent fp16 [S, F, C, H, W], prompt)] read from the layout alone, as Self-Forcing's
+    ODERegressionLMDBDataset reads it (numpy frombuffer, reshaped by latents_shape[1:])."""
+    import lmdb
+    import numpy as np
+
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    with env.begin() as txn:
+        shape = tuple(map(int, txn.get(b"latents_shape").decode().split()))
+        assert txn.get(b"prompts_shape").decode() == str(shape[0])
+        items = [(torch.from_numpy(np.frombuffer(txn.get(f"latents_{i}_data".encode()), dtype=np.float16)
+                                   .reshape(shape[1:]).copy()), txn.get(f"prompts_{i}_data".encode()).decode())
+                 for i in range(shape[0])]
+    env.close()
+    return items
+
+
+def pairs_overrides(cache, grid, t_list, *extra):
+    """Tiny-config overrides that import pairs of `grid` into `cache` and train on them: no teacher, no
+    prompts file, the grid's steps, shift and recorded steps."""
+    return [*tiny_demo.random_tiny_overrides(cache), "models.teacher=null", "data.prompts=null",
+            f"method.teacher_inference_steps={grid.steps}", f"pipeline.flow_shift={grid.shift}",
+            f"method.recorded_steps={grid.recorded_steps()}", f"method.t_list={t_list}", *extra]
+
+
+def pairs_config(cache, preset, *extra):
+    import lmdb_pairs
+
+    return config.load_config(TINY, pairs_overrides(cache, lmdb_pairs.PRESETS[preset], PAIR_T_LISTS[preset],
+                                                    *extra))
+
+
+@pytest.mark.parametrize("preset, shards", [("self_forcing", None), ("causvid", ["shard_10", "shard_9"]),
+                                            ("causal_forcing", None)])
+def test_lmdb_import_of_each_layout_keeps_every_row_its_grid_timesteps_and_the_directly_encoded_prompt(
+        tmp_path, preset, shards):
+    import lmdb_pairs
+
+    grid, n = lmdb_pairs.PRESETS[preset], len(PAIR_PROMPTS)
+    rows = pair_rows(grid, n)
+    if shards:  # ShardingLMDBDataset numbers rows shard by shard in sorted name order: shard_10 first
+        write_field_lmdb(tmp_path / "pairs" / shards[0], rows[:4], PAIR_PROMPTS[:4])
+        write_field_lmdb(tmp_path / "pairs" / shards[1], rows[4:], PAIR_PROMPTS[4:])
+    else:
+        write_field_lmdb(tmp_path / "pairs", rows, PAIR_PROMPTS)
+    cache = tmp_path / "cache"
+    cfg = pairs_config(cache, preset, "data.num_samples=null")
+    assert lmdb_pairs.import_pairs(cfg, str(tmp_path / "pairs"), grid, preset) == n
+    meta = json.loads((cache / "metadata.json").read_text())
+    sigmas = flow_matching.shifted_sigmas(grid.steps, grid.shift)
+    recorded = {"self_forcing": [0, 12, 24, 36], "causvid": [0, 36, 44], "causal_forcing": [0, 12, 24, 36]}
+    expected_t = [float(sigmas[s]) * 1000 for s in recorded[preset]] + [0.0]
+    assert meta["timesteps"] == pytest.approx(expected_t, abs=1e-4)
+    assert meta["seed"] is None and meta["teacher_guidance_scale"] is None and meta["num_samples"] == n
+    assert meta["source"]["preset"] == preset and meta["source"]["rows"] == n
+    # the x0 is the ODE's end: Causal-Forcing's last entry (the training video's clean latent) is dropped
+    kept = {"self_forcing": [0, 1, 2, 3, 4], "causvid": [0, 1, 2, 3], "causal_forcing": [0, 1, 2, 3, 4]}[preset]
+    encoder, tokenizer = models.load_text_encoder(cfg.models.student.init_from, torch.device("cpu"))
+    for i in range(n):
+        tensors, metadata = read_sample(cache_format.sample_path(cache, i))
+        assert torch.equal(tensors["latents"], rows[i][kept].transpose(1, 2).bfloat16())  # [K+1, C, F, H, W]
+        assert tensors["timesteps"].tolist() == meta["timesteps"]
+        direct = teacher.encode_prompt(encoder, tokenizer, PAIR_PROMPTS[i], 512, torch.device("cpu"))
+        assert torch.equal(tensors["prompt_embeds"], direct.bfloat16())
+        assert metadata["prompt"] == PAIR_PROMPTS[i] and "seed" not in metadata
+    assert cache_format.open_cache(cfg)["num_samples"] == n  # what kd.py opens with the same config
+    # rows with the same prompt are different samples, kept unless asked otherwise
+    unique_cfg = pairs_config(tmp_path / "unique", preset, "data.num_samples=null")
+    assert lmdb_pairs.import_pairs(unique_cfg, str(tmp_path / "pairs"), grid, preset, unique_prompts=True) == 5
+    assert torch.equal(read_sample(cache_format.sample_path(tmp_path / "unique", 2))[0]["latents"],
+                       rows[3][kept].transpose(1, 2).bfloat16())
+    with pytest.raises(errors.CacheError, match="source"):  # a rerun from another source is refused
+        lmdb_pairs.import_pairs(cfg, str(tmp_path / "pairs"), grid, None, unique_prompts=True)
