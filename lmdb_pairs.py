@@ -424,7 +424,12 @@ def parse_args(argv):
     exp.add_argument("config")
     exp.add_argument("out", help="the LMDB environment to create")
     exp.add_argument("overrides", nargs="*", help="key.path=value config overrides")
-    return parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)  # overrides may follow the options too
+    unknown = [arg for arg in rest if arg.startswith("-") or "=" not in arg]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides += rest
+    return args
 
 
 def main(argv):

@@ -1273,3 +1273,118 @@ def test_lmdb_import_of_each_layout_keeps_every_row_its_grid_timesteps_and_the_d
                        rows[3][kept].transpose(1, 2).bfloat16())
     with pytest.raises(errors.CacheError, match="source"):  # a rerun from another source is refused
         lmdb_pairs.import_pairs(cfg, str(tmp_path / "pairs"), grid, None, unique_prompts=True)
+
+
+def test_lmdb_export_is_read_by_the_fields_reader_and_imports_back_equal_up_to_fp16(tmp_path, reference_cache):
+    import lmdb_pairs
+
+    out = tmp_path / "ours.lmdb"
+    assert lmdb_pairs.export_pairs(tiny_config(reference_cache, "data.num_samples=6"), str(out)) == 6
+    assert not Path(str(out) + atomic_files.TMP_SUFFIX).exists()
+    items = read_field_lmdb(out)
+    originals = [read_sample(cache_format.sample_path(reference_cache, i)) for i in range(6)]
+    for (row, prompt), (tensors, metadata) in zip(items, originals, strict=True):
+        assert row.shape == (5, 6, 16, 8, 8) and prompt == metadata["prompt"]  # [S, F, C, H, W], frames first
+        assert torch.equal(row, tensors["latents"].half().transpose(1, 2))
+    with pytest.raises(errors.ConfigError, match="exists"):
+        lmdb_pairs.export_pairs(tiny_config(reference_cache, "data.num_samples=6"), str(out))
+    # back, with the generator's own text encoder and grid (48 steps, shift 5, t_list's steps)
+    grid = lmdb_pairs.PairGrid(48, 5.0, (0, 12, 24, 36, -1))
+    back = tmp_path / "back"
+    cfg = config.load_config(TINY, pairs_overrides(back, grid, [999, 937, 833, 624, 0], "data.num_samples=null",
+                                                   f"models.student.init_from={REPO}/tiny_models/wan-tiny-teacher"))
+    lmdb_pairs.import_pairs(cfg, str(out), grid)
+    for i, (tensors, metadata) in enumerate(originals):
+        again, again_metadata = read_sample(cache_format.sample_path(back, i))
+        assert torch.equal(again["latents"], tensors["latents"].half().bfloat16())
+        assert torch.equal(again["prompt_embeds"], tensors["prompt_embeds"])
+        assert torch.equal(again["timesteps"], tensors["timesteps"])
+        assert again_metadata["prompt"] == metadata["prompt"]
+
+
+def test_a_causal_kd_run_trains_on_an_imported_cache_and_a_t_list_off_its_grid_is_refused(tmp_path):
+    import lmdb_pairs
+
+    grid = lmdb_pairs.PRESETS["self_forcing"]
+    write_field_lmdb(tmp_path / "pairs", pair_rows(grid, 6), PAIR_PROMPTS)
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    overrides = pairs_overrides(cache, grid, PAIR_T_LISTS["self_forcing"], "data.num_samples=null",
+                                "training.max_steps=3", "training.log_every=1", "training.eval_every=3",
+                                "training.eval_samples=2", "training.num_workers=0", "training.previews=false",
+                                "models.student.attention=block_causal", f"training.output_dir={out}")
+    lmdb_pairs.import_pairs(config.load_config(TINY, overrides), str(tmp_path / "pairs"), grid, "self_forcing")
+    proc = run_script("kd_causal.py", TINY, *overrides)  # kd.py's trainer with per-block timesteps
+    losses = [line["loss"] for line in read_jsonl(out / "metrics.jsonl")]
+    assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert "teacher 4-step n/a (no teacher configured)" in proc.stdout + proc.stderr
+    assert "rollout_error_teacher" not in read_jsonl(out / "eval.jsonl")[-1]
+    with pytest.raises(errors.ConfigError, match=r"entry 937 is .* from the teacher's grid \(48 steps, flow_shift "
+                                                 r"8.0\); nearest grid values"):
+        pairs_config(cache, "self_forcing", "method.t_list=[1000, 937, 0]")
+    with pytest.raises(errors.ConfigError, match=r"entry 941 is step 16 .* which the cache does not record; "
+                                                 r"method.recorded_steps holds 1000.00 \(step 0\), 960.00"):
+        pairs_config(cache, "self_forcing", "method.t_list=[1000, 941, 0]")
+    with pytest.raises(errors.ConfigError, match="method.recorded_steps must be strictly increasing"):
+        pairs_config(cache, "self_forcing", "method.recorded_steps=[0, 24, 12, 36]")
+
+
+@pytest.mark.parametrize("defect, message", [
+    (dict(latents_shape=""), r"pairs: no key 'latents_shape' \(expected the row count and the row shape"),
+    (dict(latents_shape="6"), r"latents_shape is '6', the row count alone .* expected 'N S F C H W', here "
+                              r"'6 5 6 16 8 8'"),
+    (dict(row_bytes={2: b"\0" * 100}), r"row 2: key latents_2_data holds 100 bytes, expected 61440 "
+                                       r"\(fp16 \[5, 6, 16, 8, 8\]"),
+    (dict(row_bytes={3: b""}), r"row 3: key latents_3_data is empty, expected 61440 bytes"),
+    (dict(prompt_bytes={5: b"a cat \xff"}), r"row 5: key prompts_5_data is not UTF-8 text"),
+    (dict(frames=5), r"latents_shape is '6 5 5 16 8 8', expected 'N 5 6 16 8 8': .* 6 latent frames of 16 "
+                     r"channels"),
+    (dict(channels=4), r"latents_shape is '6 5 6 4 8 8', expected 'N 5 6 16 8 8'"),
+], ids=["no_latents_shape", "shape_without_row", "row_length", "empty_row", "non_utf8_prompt", "frames",
+        "channels"])
+def test_a_bad_pair_lmdb_is_one_error_naming_the_file_row_and_key_and_nothing_is_written(tmp_path, defect,
+                                                                                        message):
+    import lmdb_pairs
+
+    grid = lmdb_pairs.PRESETS["self_forcing"]
+    frames, channels = defect.pop("frames", 6), defect.pop("channels", 16)
+    rows = torch.zeros(6, 5, frames, channels, 8, 8, dtype=torch.float16)
+    write_field_lmdb(tmp_path / "pairs", rows, PAIR_PROMPTS, **defect)
+    cache = tmp_path / "cache"
+    with pytest.raises(errors.ConfigError, match=message):
+        lmdb_pairs.import_pairs(pairs_config(cache, "self_forcing", "data.num_samples=null"),
+                                str(tmp_path / "pairs"), grid, "self_forcing")
+    assert not cache.exists()
+
+
+def test_an_import_with_a_config_off_the_pairs_grid_names_the_overrides_it_needs(tmp_path):
+    import lmdb_pairs
+
+    write_field_lmdb(tmp_path / "pairs", pair_rows(lmdb_pairs.PRESETS["self_forcing"], 6), PAIR_PROMPTS)
+    with pytest.raises(errors.ConfigError, match=r"need, in the config that kd.py then trains with: "
+                                                 r"method.recorded_steps=\[0, 12, 24, 36\] models.teacher=null "
+                                                 r"data.prompts=null$"):
+        lmdb_pairs.import_pairs(tiny_config(tmp_path / "cache", "pipeline.flow_shift=8.0",
+                                            "method.t_list=[1000, 960, 0]"),
+                                str(tmp_path / "pairs"), lmdb_pairs.PRESETS["self_forcing"])
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_import_killed_part_way_then_rerun_on_two_ranks_equals_an_uninterrupted_import(tmp_path):
+    import lmdb_pairs
+
+    grid, n = lmdb_pairs.PRESETS["causal_forcing"], 64
+    prompts = [f"{PAIR_PROMPTS[i % 6]} {i}" for i in range(n)]
+    write_field_lmdb(tmp_path / "pairs", pair_rows(grid, n), prompts)
+    overrides = lambda cache: pairs_overrides(cache, grid, PAIR_T_LISTS["causal_forcing"],  # noqa: E731
+                                              "data.num_samples=null")
+    lmdb_pairs.import_pairs(config.load_config(TINY, overrides(tmp_path / "reference")), str(tmp_path / "pairs"),
+                            grid, "causal_forcing")
+    cache = tmp_path / "cache"
+    args = ["import", TINY, tmp_path / "pairs", "--preset", "causal_forcing", *overrides(cache)]
+    proc = start(command("lmdb_pairs.py", args))
+    first = Path(cache_format.sample_path(cache, 0))
+    processes.wait_for(first, proc)
+    processes.kill(proc)
+    assert first.exists() and not (cache / "COMPLETE").exists(), "the kill came too late to test resuming"
+    run_script("lmdb_pairs.py", *args, ranks=2)
+    assert_same_cache(cache, tmp_path / "reference")
