@@ -211,14 +211,18 @@ class PairSource:
         except UnicodeDecodeError as e:
             raise ConfigError(f"{where}: key prompts_{row}_data is not UTF-8 text ({e})") from None
 
-    def row(self, row):
-        """Global row `row` as fp16 [S, F, C, H, W] (a copy)."""
+    def states(self, row, kept, dtype):
+        """Entries `kept` of global row `row` as our latents [K+1, C, F, H, W] in `dtype`, in one copy."""
         env_index, local = self.rows[row]
+        s, f, c, h, w = self.row_shape
+        out = torch.empty(len(kept), c, f, h, w, dtype=dtype)
         with self.envs[env_index][1].begin(buffers=True) as txn:
-            with warnings.catch_warnings():  # a read-only buffer: copied below, never written
+            with warnings.catch_warnings():  # a read-only view of the memory map, only read from
                 warnings.simplefilter("ignore", UserWarning)
                 flat = torch.frombuffer(txn.get(row_key("latents", local)), dtype=ROW_DTYPE)
-            return flat.view(self.row_shape).clone()
+            for k, entry in enumerate(kept):
+                out[k].copy_(flat.view(self.row_shape)[entry].transpose(0, 1))  # [F, C, H, W] -> [C, F, H, W]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,7 +303,7 @@ def import_pairs(cfg, lmdb_path, grid, preset=None, unique_prompts=False, rank=0
         timesteps = torch.tensor(fingerprint["timesteps"], dtype=torch.float32)
         kept = grid.kept()
         for i in mine:
-            latents = source.row(rows[i])[kept].transpose(1, 2).to(dtype)  # [K+1, C, F, H, W]
+            latents = source.states(rows[i], kept, dtype)  # [K+1, C, F, H, W]
             if not torch.isfinite(latents).all():
                 env_path, local = source.where(rows[i])
                 raise ConfigError(f"{env_path}: row {local} (key latents_{local}_data) is not finite in "
@@ -329,7 +333,7 @@ def cache_row(cache_dir, meta, index):
     row = latents.to(ROW_DTYPE).transpose(1, 2).contiguous()  # [K+1, F, C, H, W]
     if not torch.isfinite(row).all():
         raise CacheError(f"cached sample {path} overflows fp16, the LMDB layout's dtype")
-    return row.view(torch.uint8).numpy().tobytes(), prompt
+    return memoryview(row.view(torch.uint8).numpy()), prompt
 
 
 def export_pairs(cfg, out_path):

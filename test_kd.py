@@ -1388,3 +1388,32 @@ def test_an_import_killed_part_way_then_rerun_on_two_ranks_equals_an_uninterrupt
     assert first.exists() and not (cache / "COMPLETE").exists(), "the kill came too late to test resuming"
     run_script("lmdb_pairs.py", *args, ranks=2)
     assert_same_cache(cache, tmp_path / "reference")
+
+
+def test_an_export_stopped_by_a_corrupt_sample_leaves_no_lmdb_and_resumes_after_the_repair(tmp_path,
+                                                                                          reference_cache,
+                                                                                          monkeypatch):
+    import lmdb_pairs
+
+    cache, out = tmp_path / "cache", tmp_path / "ours.lmdb"
+    shutil.copytree(reference_cache, cache)
+    victim = Path(cache_format.sample_path(cache, 4))
+    flip_bit(victim, latents_byte_offset(victim, 2, 3))
+    monkeypatch.setattr(lmdb_pairs, "COMMIT_BYTES", 1)  # one row per transaction
+    cfg = tiny_config(cache, "data.num_samples=6")
+    with pytest.raises(errors.CacheError, match=f"{victim} is unusable .*latents fail their CRC32 checksums"):
+        lmdb_pairs.export_pairs(cfg, str(out))
+    assert not out.exists() and Path(str(out) + atomic_files.TMP_SUFFIX).exists()
+    shutil.copy(cache_format.sample_path(reference_cache, 4), victim)
+    assert lmdb_pairs.export_pairs(cfg, str(out)) == 2  # rows 0-3 were committed before the stop
+    for (row, _), i in zip(read_field_lmdb(out), range(6), strict=True):
+        assert torch.equal(row, read_sample(cache_format.sample_path(reference_cache, i))[0]["latents"]
+                           .half().transpose(1, 2))
+
+
+def test_the_shipped_pairs_config_is_the_self_forcing_grid_with_nothing_left_to_override():
+    import lmdb_pairs
+
+    cfg = config.load_config(REPO / "configs" / "wan_pairs.yaml")
+    assert lmdb_pairs.import_config_problems(cfg, lmdb_pairs.PRESETS["self_forcing"]) == []
+    assert flow_matching.teacher_grid(cfg).positions == [0, 1, 2, 3]
