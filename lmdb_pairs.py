@@ -306,8 +306,8 @@ def import_pairs(cfg, lmdb_path, grid, preset=None, unique_prompts=False, rank=0
             latents = source.states(rows[i], kept, dtype)  # [K+1, C, F, H, W]
             if not torch.isfinite(latents).all():
                 env_path, local = source.where(rows[i])
-                raise ConfigError(f"{env_path}: row {local} (key latents_{local}_data) is not finite in "
-                                  f"{cfg.data.cache_dtype}; nothing was written for it")
+                raise CacheError(f"{env_path}: row {local} (key latents_{local}_data) is not finite in "
+                                 f"{cfg.data.cache_dtype}; nothing was written for it")
             embeds = encode_prompt(encoder, tokenizer, prompts[i], max_len, device).to(dtype)
             write_sample(sample_path(cache_dir, i), latents, timesteps, embeds,
                          {"prompt": prompts[i], "index": i, "format_version": CACHE_FORMAT_VERSION,
