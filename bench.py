@@ -311,6 +311,7 @@ def pairs_throughput(rows=16):
 
     import lmdb_pairs
 
+    torch.set_num_threads(1)  # as every bench.py measure, and as torchrun runs each rank by default
     workdir = tempfile.mkdtemp(prefix="kd-bench-pairs-")
     source, grid = os.path.join(workdir, "pairs"), lmdb_pairs.PRESETS["self_forcing"]
     row_bytes = math.prod(PAIR_ROW) * 2
@@ -345,21 +346,22 @@ def pairs_throughput(rows=16):
         *[o for o in cfg_overrides if not o.startswith("data.num_samples")], "data.num_samples=1",
         f"method.teacher_path_cache={os.path.join(workdir, 'warm-up')}"])
     lmdb_pairs.import_pairs(warm, source, grid, "self_forcing")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     lmdb_pairs.import_pairs(cfg, source, grid, "self_forcing")
-    imported = time.perf_counter() - start
-    start = time.perf_counter()
+    imported, import_cpu = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
     lmdb_pairs.export_pairs(cfg, os.path.join(workdir, "exported"))
-    exported = time.perf_counter() - start
+    exported, export_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     megabytes = rows * row_bytes / 1e6
     print(f"bench.py lmdb-pairs: {rows} rows of fp16 {list(PAIR_ROW)} ({row_bytes / 1e6:.1f} MB each), "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__}, one process, warm page cache")
-    print(f"  {'measure':<44} {'rows/s':>7} {'MB/s':>7}  time / plain copy")
-    for name, seconds in (("plain copy (LMDB row -> fsynced file)", copy),
-                          ("import (LMDB -> bf16 cache, CRC32, encode)", imported),
-                          ("export (cache -> fp16 LMDB, checks CRC32)", exported)):
-        print(f"  {name:<44} {rows / seconds:7.2f} {megabytes / seconds:7.1f}  {seconds / copy:5.2f}")
+    print(f"  {'measure':<44} {'rows/s':>7} {'MB/s':>7}  time / plain copy  CPU s per row")
+    for name, seconds, cpu in (("plain copy (LMDB row -> fsynced file)", copy, None),
+                               ("import (LMDB -> bf16 cache, CRC32, encode)", imported, import_cpu),
+                               ("export (cache -> fp16 LMDB, checks CRC32)", exported, export_cpu)):
+        per_row = f"{cpu / rows:13.3f}" if cpu is not None else f"{'':13}"
+        print(f"  {name:<44} {rows / seconds:7.2f} {megabytes / seconds:7.1f}  {seconds / copy:17.2f}  {per_row}")
     shutil.rmtree(workdir)
 
 

@@ -1367,6 +1367,9 @@ def test_an_import_with_a_config_off_the_pairs_grid_names_the_overrides_it_needs
                                             "method.t_list=[1000, 960, 0]"),
                                 str(tmp_path / "pairs"), lmdb_pairs.PRESETS["self_forcing"])
     assert not (tmp_path / "cache").exists()
+    with pytest.raises(errors.ConfigError, match=r"--indices \[0, 12, 24, 36\]: expected increasing positions "
+                                                 r"that include x0 \(index 48 or -1\)"):
+        lmdb_pairs.PairGrid(48, 8.0, (0, 12, 24, 36)).recorded_steps()
 
 
 def test_an_import_killed_part_way_then_rerun_on_two_ranks_equals_an_uninterrupted_import(tmp_path):
