@@ -280,8 +280,8 @@ def check_recorded_steps(m):
     steps, n = m.recorded_steps, m.teacher_inference_steps
     if steps is None:
         return
-    if not steps or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < n for s in steps) or any(
-            a >= b for a, b in zip(steps, steps[1:])):
+    on_grid = all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < n for s in steps)
+    if not steps or not on_grid or any(a >= b for a, b in zip(steps, steps[1:])):
         raise ConfigError(f"method.recorded_steps must be strictly increasing step indices in [0, {n}) of the "
                           f"teacher's grid, e.g. [0, 12, 24, 36], got {steps}")
     if m.keep_full_trajectory:
