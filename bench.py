@@ -3,6 +3,7 @@
     python bench.py           # the ratios table: generation, scaling, training, cache size, CFG
                               # (~2 min, 2 cores)
     python bench.py memory    # peak memory of one causal training step: per-frame vs per-token timesteps
+    python bench.py lmdb-pairs [ROWS]  # lmdb_pairs.py throughput at Wan's row shape [5, 21, 16, 60, 104] fp16
 
 Every ratio is measured in this run, numerator and denominator under the same conditions: one compute thread
 per process, a "small" random Wan teacher and student (2 layers, width 256, 384 tokens; a forward takes tens
@@ -12,8 +13,10 @@ state: imports, model loading and prompt encoding happen before the first file).
 """
 
 import json
+import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -294,6 +297,74 @@ def memory_table():
               f"{6 * tokens * width * 4 / 2**30:.2f} GiB per block (ours: [B, F, 6, D])")
 
 
+# ---- LMDB pairs -------------------------------------------------------------------------------------------
+# Self-Forcing's row: 5 states of Wan's 480x832 81-frame latents, frames first, fp16 (21 MB)
+PAIR_ROW = (5, 21, 16, 60, 104)
+
+
+def pairs_throughput(rows=16):
+    """lmdb_pairs.py import and export of `rows` Wan-sized rows, beside a plain copy of the same bytes (read
+    each row from the LMDB, write it to its own fsynced file): the floor of this disk. One process, warm page
+    cache, after a one-row warm-up import (module imports); the random tiny UMT5 encodes the prompts (a real
+    UMT5-XXL adds its own encoding time per prompt)."""
+    import lmdb
+
+    import lmdb_pairs
+
+    torch.set_num_threads(1)  # as every bench.py measure, and as torchrun runs each rank by default
+    workdir = tempfile.mkdtemp(prefix="kd-bench-pairs-")
+    source, grid = os.path.join(workdir, "pairs"), lmdb_pairs.PRESETS["self_forcing"]
+    row_bytes = math.prod(PAIR_ROW) * 2
+    env = lmdb.open(source, map_size=rows * row_bytes * 2 + 2**28)
+    for i in range(rows):
+        with env.begin(write=True) as txn:
+            txn.put(f"latents_{i}_data".encode(), torch.randn(PAIR_ROW).half().numpy().tobytes())
+            txn.put(f"prompts_{i}_data".encode(), f"a cat walks along the beach, take {i}".encode())
+    with env.begin(write=True) as txn:
+        txn.put(b"latents_shape", " ".join(map(str, (rows, *PAIR_ROW))).encode())
+        txn.put(b"prompts_shape", str(rows).encode())
+    env.close()
+
+    start = time.perf_counter()
+    env = lmdb.open(source, readonly=True, lock=False)
+    for i in range(rows):
+        with env.begin() as txn, open(os.path.join(workdir, f"copy-{i}"), "wb") as f:
+            f.write(txn.get(f"latents_{i}_data".encode()))
+            os.fsync(f.fileno())
+    env.close()
+    copy = time.perf_counter() - start
+
+    cache = os.path.join(workdir, "cache")
+    cfg_overrides = [
+        *tiny_demo.random_tiny_overrides(cache), "models.teacher=null", "data.prompts=null",
+        "method.teacher_inference_steps=48", "pipeline.flow_shift=8.0", "method.recorded_steps=[0, 12, 24, 36]",
+        "method.t_list=[1000, 960, 889, 727, 0]", "pipeline.num_frames=81", "pipeline.height=480",
+        "pipeline.width=832", "data.num_samples=null"]
+    cfg = config.load_config(os.path.join(REPO, "configs", "tiny.yaml"), cfg_overrides)
+    tiny_demo.ensure_model_dir(cfg.models.student.init_from)
+    warm = config.load_config(os.path.join(REPO, "configs", "tiny.yaml"), [  # imports, first model load
+        *[o for o in cfg_overrides if not o.startswith("data.num_samples")], "data.num_samples=1",
+        f"method.teacher_path_cache={os.path.join(workdir, 'warm-up')}"])
+    lmdb_pairs.import_pairs(warm, source, grid, "self_forcing")
+    start, cpu = time.perf_counter(), time.process_time()
+    lmdb_pairs.import_pairs(cfg, source, grid, "self_forcing")
+    imported, import_cpu = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
+    lmdb_pairs.export_pairs(cfg, os.path.join(workdir, "exported"))
+    exported, export_cpu = time.perf_counter() - start, time.process_time() - cpu
+
+    megabytes = rows * row_bytes / 1e6
+    print(f"bench.py lmdb-pairs: {rows} rows of fp16 {list(PAIR_ROW)} ({row_bytes / 1e6:.1f} MB each), "
+          f"{os.cpu_count()} CPU cores, torch {torch.__version__}, one process, warm page cache")
+    print(f"  {'measure':<44} {'rows/s':>7} {'MB/s':>7}  time / plain copy  CPU s per row")
+    for name, seconds, cpu in (("plain copy (LMDB row -> fsynced file)", copy, None),
+                               ("import (LMDB -> bf16 cache, CRC32, encode)", imported, import_cpu),
+                               ("export (cache -> fp16 LMDB, checks CRC32)", exported, export_cpu)):
+        per_row = f"{cpu / rows:13.3f}" if cpu is not None else f"{'':13}"
+        print(f"  {name:<44} {rows / seconds:7.2f} {megabytes / seconds:7.1f}  {seconds / copy:17.2f}  {per_row}")
+    shutil.rmtree(workdir)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1:2]
     if mode == ["memory-variant"]:
@@ -305,6 +376,8 @@ if __name__ == "__main__":
         print(json.dumps(training_times(sys.argv[2], sys.argv[3])))
     elif mode == ["memory"]:
         memory_table()
+    elif mode == ["lmdb-pairs"]:
+        pairs_throughput(*map(int, sys.argv[2:3]))
     elif not mode:
         sys.exit(1 if ratios_table() else 0)
     else:

@@ -79,10 +79,11 @@ ADDED_FIELDS = {"teacher_experts": ["transformer"]}
 
 
 def fingerprint_differences(expected, found):
-    """'field: config X, cache Y' for every differing field (None in `expected`: unknown, not compared)."""
+    """'field: config X, cache Y' for every differing field (None on either side: unknown, not compared; an
+    imported cache cannot know its guidance scale, negative prompt or seed)."""
     lines = []
     for key in sorted(set(expected) | set(found)):
-        if expected.get(key) is None:
+        if expected.get(key) is None or (key in found and found[key] is None):
             continue
         cached = found.get(key, ADDED_FIELDS.get(key))
         if expected.get(key) != cached:

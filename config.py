@@ -64,6 +64,7 @@ DEFAULTS = {
         "clean_context": True,
         "t_list_tolerance": 1.0,  # max distance, in timesteps, of a t_list entry from its teacher grid point
         "keep_full_trajectory": False,  # cache every teacher state, not only those at t_list (bigger files)
+        "recorded_steps": Opt(list),  # grid steps the cache holds states of (an imported LMDB's); default t_list's
     },
     "pipeline": {
         "flow_shift": 5.0,  # s in sigma' = s*sigma / (1 + (s-1)*sigma); Wan uses 5 at 480p
@@ -259,7 +260,8 @@ def validate_config(cfg):
     for key in ("num_frames", "height", "width", "max_sequence_length"):
         if p[key] < 1:
             raise ConfigError(f"pipeline.{key} must be >= 1, got {p[key]}")
-    teacher_grid(cfg)  # off-grid t_list entries fail now
+    check_recorded_steps(m)
+    teacher_grid(cfg)  # off-grid t_list entries, and entries at steps the cache does not record, fail now
     if not 0 <= cfg.data.seed < 2**62:  # seed + i seeds a torch.Generator (64-bit)
         raise ConfigError(f"data.seed must be in [0, 2**62), got {cfg.data.seed}")
     if cfg.data.cache_dtype not in CACHE_DTYPES:
@@ -294,6 +296,20 @@ def validate_config(cfg):
         if section is not None and not (section.init_from or "").strip():
             raise ConfigError(f"models.{role}.init_from must be set "
                               "(a hub id or a local diffusers directory)")
+
+
+def check_recorded_steps(m):
+    """method.recorded_steps: strictly increasing steps of the teacher's grid, not with keep_full_trajectory."""
+    steps, n = m.recorded_steps, m.teacher_inference_steps
+    if steps is None:
+        return
+    on_grid = all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < n for s in steps)
+    if not steps or not on_grid or any(a >= b for a, b in zip(steps, steps[1:])):
+        raise ConfigError(f"method.recorded_steps must be strictly increasing step indices in [0, {n}) of the "
+                          f"teacher's grid, e.g. [0, 12, 24, 36], got {steps}")
+    if m.keep_full_trajectory:
+        raise ConfigError("method.recorded_steps and method.keep_full_trajectory exclude each other "
+                          "(keep_full_trajectory records every step)")
 
 
 HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")  # from_pretrained looks such a name up on the hub

@@ -41,7 +41,7 @@ class TeacherGrid:
     """The teacher's grid and the student's place on it.
 
     sigmas: the teacher's N sigmas (1 first); matched: the grid step of each t_list entry but the final 0 [K];
-    recorded: the steps whose pre-step state the cache keeps (the matched ones, or all N).
+    recorded: the steps whose pre-step state the cache keeps (the matched ones, all N, or method.recorded_steps).
     """
 
     sigmas: tuple
@@ -73,17 +73,27 @@ class TeacherGrid:
 
 
 def teacher_grid(cfg):
-    """cfg's TeacherGrid (ConfigError for a t_list entry beyond method.t_list_tolerance from the grid)."""
+    """cfg's TeacherGrid (ConfigError for a t_list entry beyond method.t_list_tolerance from the grid, or at a
+    step that method.recorded_steps leaves out)."""
     m = cfg.method
+    recorded_steps = m.get("recorded_steps")
     return _teacher_grid(tuple(m.t_list), m.teacher_inference_steps, cfg.pipeline.flow_shift,
-                         m.t_list_tolerance, m.keep_full_trajectory)
+                         m.t_list_tolerance, m.keep_full_trajectory,
+                         tuple(recorded_steps) if recorded_steps is not None else None)
 
 
 @functools.lru_cache(maxsize=64)  # validation, the cache and the trainer all read the one match of a config
-def _teacher_grid(t_list, num_steps, shift, tolerance, keep_full_trajectory):
+def _teacher_grid(t_list, num_steps, shift, tolerance, keep_full_trajectory, recorded_steps=None):
     matched = tuple(match_t_list(t_list, num_steps, shift, tolerance))
-    recorded = tuple(range(num_steps)) if keep_full_trajectory else matched
-    return TeacherGrid(tuple(shifted_sigmas(num_steps, shift).tolist()), matched, recorded)
+    sigmas = tuple(shifted_sigmas(num_steps, shift).tolist())
+    for t, step in zip(t_list, matched):
+        if recorded_steps is not None and step not in recorded_steps:
+            held = ", ".join(f"{sigmas[s] * NUM_TRAIN_TIMESTEPS:.2f} (step {s})" for s in recorded_steps)
+            raise ConfigError(f"method.t_list entry {t} is step {step} of the teacher's grid ({num_steps} steps, "
+                              f"flow_shift {shift}), which the cache does not record; method.recorded_steps "
+                              f"holds {held}")
+    recorded = tuple(range(num_steps)) if keep_full_trajectory else recorded_steps or matched
+    return TeacherGrid(sigmas, matched, recorded)
 
 
 def match_t_list(t_list, num_steps, shift, tolerance):

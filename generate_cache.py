@@ -45,7 +45,8 @@ def remove_leftovers(cache_dir):
 
 
 def missing_samples(cache_dir, fingerprint, rank, world_size):
-    """Sorted indices with no usable file; each rank checks (and deletes the bad of) its stride of files."""
+    """Sorted indices with no usable file; each rank checks (and deletes the bad of) its stride of files. A
+    cache with any missing is no longer COMPLETE."""
     mine = []
     for i in range(rank, fingerprint["num_samples"], world_size):
         path = sample_path(cache_dir, i)
@@ -57,7 +58,33 @@ def missing_samples(cache_dir, fingerprint, rank, world_size):
             print(f"[rank {rank}] regenerating {path}: {problem}", file=sys.stderr)
             os.remove(path)
             mine.append(i)
-    return sorted(i for part in all_gather_objects(mine) for i in part)
+    missing = sorted(i for part in all_gather_objects(mine) for i in part)
+    complete_marker = os.path.join(cache_dir, "COMPLETE")
+    if rank == 0 and missing and os.path.exists(complete_marker):
+        os.remove(complete_marker)
+    return missing
+
+
+def open_for_writing(cache_dir, fingerprint, rank):
+    """Refuse a stale cache (on every rank, so every rank stops); on rank 0 create it, record its fingerprint
+    first (so that a resume can be checked) and remove leftover temporary files."""
+    check_cache_metadata(cache_dir, fingerprint)
+    if rank == 0:
+        make_dirs(os.path.join(cache_dir, "samples"))
+        if not os.path.exists(os.path.join(cache_dir, "metadata.json")):
+            write_json_atomic(os.path.join(cache_dir, "metadata.json"), fingerprint)
+        remove_leftovers(cache_dir)
+
+
+def mark_complete(cache_dir, paths, num_samples, rank):
+    """After every rank's writes, rank 0 checks that `paths` exist and writes COMPLETE (all ranks call it)."""
+    barrier()  # ranks with fewer samples wait here; nothing collective runs inside a sample loop
+    if rank == 0:
+        absent = [p for p in paths if not os.path.exists(p)]
+        if absent:
+            raise RuntimeError(f"{absent[:10]} were not written")
+        write_json_atomic(os.path.join(cache_dir, "COMPLETE"), {"num_samples": num_samples})
+    barrier()
 
 
 def generate_cache(cfg, rank=0, world_size=1, device=torch.device("cpu")):
@@ -69,12 +96,8 @@ def generate_cache(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     prompts = read_prompts(cfg)
     shape = latent_shape(teacher.init_from, cfg)
     fingerprint = cache_fingerprint(cfg, prompts, shape)
-    check_cache_metadata(cache_dir, fingerprint)  # every rank, so every rank stops on a stale cache
+    open_for_writing(cache_dir, fingerprint, rank)
     if rank == 0:
-        make_dirs(os.path.join(cache_dir, "samples"))
-        if not os.path.exists(os.path.join(cache_dir, "metadata.json")):  # first, so a resume can be checked
-            write_json_atomic(os.path.join(cache_dir, "metadata.json"), fingerprint)
-        remove_leftovers(cache_dir)
         negative = negative_embeds_path(cache_dir)
         problem = negative_embeds_problem(cache_dir) if os.path.exists(negative) else None
         if problem is not None:
@@ -82,20 +105,11 @@ def generate_cache(cfg, rank=0, world_size=1, device=torch.device("cpu")):
             os.remove(negative)
     barrier()
     missing = missing_samples(cache_dir, fingerprint, rank, world_size)
-    complete_marker = os.path.join(cache_dir, "COMPLETE")
-    if rank == 0 and missing and os.path.exists(complete_marker):
-        os.remove(complete_marker)
     mine = missing[rank::world_size]
     if mine or (rank == 0 and not os.path.exists(negative_embeds_path(cache_dir))):
         _write_samples(cfg, mine, prompts, fingerprint, device, rank, world_size, missing)
-    barrier()  # ranks with fewer samples wait here; nothing collective runs inside the sample loop
-    if rank == 0:
-        paths = [sample_path(cache_dir, i) for i in range(len(prompts))] + [negative_embeds_path(cache_dir)]
-        absent = [p for p in paths if not os.path.exists(p)]
-        if absent:
-            raise RuntimeError(f"{absent[:10]} were not written")
-        write_json_atomic(complete_marker, {"num_samples": len(prompts)})
-    barrier()
+    mark_complete(cache_dir, [sample_path(cache_dir, i) for i in range(len(prompts))]
+                  + [negative_embeds_path(cache_dir)], len(prompts), rank)
     return len(missing)
 
 

@@ -1551,3 +1551,258 @@ def test_the_quick_fault_campaign_loses_nothing_and_every_bad_input_is_a_clear_e
         assert int(trials) >= 1 and survived == trials and lost == "0", scenario
         assert clear == "n/a" or clear.split("/")[0] == clear.split("/")[1], scenario
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pairs in the field's LMDB layout (Self-Forcing, CausVid, Causal-Forcing): import and export (lmdb_pairs.py)
+
+
+PAIR_T_LISTS = {"self_forcing": [1000, 960, 889, 727, 0], "causvid": [1000, 757, 522, 0],
+                "causal_forcing": [999, 937, 833, 624, 0]}
+PAIR_PROMPTS = ["a cat walks along the beach", "a red car drives at night", "a cat walks along the beach",
+                "two dogs play with a ball", "a drone flies over snowy mountains", "coffee poured into a cup"]
+
+
+def pair_rows(grid, n, seed=0):
+    """n random fp16 rows [n, S, F, C, H, W] for the tiny video size (6 latent frames of 16 x 8 x 8)."""
+    return torch.randn(n, len(grid.indices), 6, 16, 8, 8, generator=torch.Generator().manual_seed(seed)).half()
+
+
+def write_field_lmdb(path, rows, prompts, latents_shape=None, row_bytes=None, prompt_bytes=None):
+    """An LMDB environment in the field's layout, written with the lmdb library from the layout alone:
+    latents_{i}_data raw fp16 bytes, prompts_{i}_data UTF-8, '*_shape' space-separated. The keyword arguments
+    replace the shape string, or a row's bytes ({row: bytes}), to make a bad input."""
+    import lmdb
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(path), map_size=2**30)
+    with env.begin(write=True) as txn:
+        for i, (row, prompt) in enumerate(zip(rows, prompts)):
+            txn.put(f"latents_{i}_data".encode(), (row_bytes or {}).get(i, row.numpy().tobytes()))
+            txn.put(f"prompts_{i}_data".encode(), (prompt_bytes or {}).get(i, prompt.encode()))
+        if latents_shape != "":
+            txn.put(b"latents_shape", (latents_shape or " ".join(map(str, rows.shape))).encode())
+        txn.put(b"prompts_shape", str(len(prompts)).encode())
+    env.close()
+
+
+def read_field_lmdb(path):
+    """[(ode_latent fp16 [S, F, C, H, W], prompt)] read from the layout alone, as Self-Forcing's
+    ODERegressionLMDBDataset reads it (numpy frombuffer, reshaped by latents_shape[1:])."""
+    import lmdb
+    import numpy as np
+
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    with env.begin() as txn:
+        shape = tuple(map(int, txn.get(b"latents_shape").decode().split()))
+        assert txn.get(b"prompts_shape").decode() == str(shape[0])
+        items = [(torch.from_numpy(np.frombuffer(txn.get(f"latents_{i}_data".encode()), dtype=np.float16)
+                                   .reshape(shape[1:]).copy()), txn.get(f"prompts_{i}_data".encode()).decode())
+                 for i in range(shape[0])]
+    env.close()
+    return items
+
+
+def pairs_overrides(cache, grid, t_list, *extra):
+    """Tiny-config overrides that import pairs of `grid` into `cache` and train on them: no teacher, no
+    prompts file, the grid's steps, shift and recorded steps."""
+    return [*tiny_demo.random_tiny_overrides(cache), "models.teacher=null", "data.prompts=null",
+            f"method.teacher_inference_steps={grid.steps}", f"pipeline.flow_shift={grid.shift}",
+            f"method.recorded_steps={grid.recorded_steps()}", f"method.t_list={t_list}", *extra]
+
+
+def pairs_config(cache, preset, *extra):
+    import lmdb_pairs
+
+    return config.load_config(TINY, pairs_overrides(cache, lmdb_pairs.PRESETS[preset], PAIR_T_LISTS[preset],
+                                                    *extra))
+
+
+@pytest.mark.parametrize("preset, shards", [("self_forcing", None), ("causvid", ["shard_10", "shard_9"]),
+                                            ("causal_forcing", None)])
+def test_lmdb_import_of_each_layout_keeps_every_row_its_grid_timesteps_and_the_directly_encoded_prompt(
+        tmp_path, preset, shards):
+    import lmdb_pairs
+
+    grid, n = lmdb_pairs.PRESETS[preset], len(PAIR_PROMPTS)
+    rows = pair_rows(grid, n)
+    if shards:  # ShardingLMDBDataset numbers rows shard by shard in sorted name order: shard_10 first
+        write_field_lmdb(tmp_path / "pairs" / shards[0], rows[:4], PAIR_PROMPTS[:4])
+        write_field_lmdb(tmp_path / "pairs" / shards[1], rows[4:], PAIR_PROMPTS[4:])
+    else:
+        write_field_lmdb(tmp_path / "pairs", rows, PAIR_PROMPTS)
+    cache = tmp_path / "cache"
+    cfg = pairs_config(cache, preset, "data.num_samples=null")
+    assert lmdb_pairs.import_pairs(cfg, str(tmp_path / "pairs"), grid, preset) == n
+    meta = json.loads((cache / "metadata.json").read_text())
+    sigmas = flow_matching.shifted_sigmas(grid.steps, grid.shift)
+    recorded = {"self_forcing": [0, 12, 24, 36], "causvid": [0, 36, 44], "causal_forcing": [0, 12, 24, 36]}
+    expected_t = [float(sigmas[s]) * 1000 for s in recorded[preset]] + [0.0]
+    assert meta["timesteps"] == pytest.approx(expected_t, abs=1e-4)
+    assert meta["seed"] is None and meta["teacher_guidance_scale"] is None and meta["num_samples"] == n
+    assert meta["source"]["preset"] == preset and meta["source"]["rows"] == n
+    # the x0 is the ODE's end: Causal-Forcing's last entry (the training video's clean latent) is dropped
+    kept = {"self_forcing": [0, 1, 2, 3, 4], "causvid": [0, 1, 2, 3], "causal_forcing": [0, 1, 2, 3, 4]}[preset]
+    encoder, tokenizer = models.load_text_encoder(cfg.models.student.init_from, torch.device("cpu"))
+    for i in range(n):
+        tensors, metadata = read_sample(cache_format.sample_path(cache, i))
+        assert torch.equal(tensors["latents"], rows[i][kept].transpose(1, 2).bfloat16())  # [K+1, C, F, H, W]
+        assert tensors["timesteps"].tolist() == meta["timesteps"]
+        direct = teacher.encode_prompt(encoder, tokenizer, PAIR_PROMPTS[i], 512, torch.device("cpu"))
+        assert torch.equal(tensors["prompt_embeds"], direct.bfloat16())
+        assert metadata["prompt"] == PAIR_PROMPTS[i] and "seed" not in metadata
+    assert cache_format.open_cache(cfg)["num_samples"] == n  # what kd.py opens with the same config
+    # rows with the same prompt are different samples, kept unless asked otherwise
+    unique_cfg = pairs_config(tmp_path / "unique", preset, "data.num_samples=null")
+    assert lmdb_pairs.import_pairs(unique_cfg, str(tmp_path / "pairs"), grid, preset, unique_prompts=True) == 5
+    assert torch.equal(read_sample(cache_format.sample_path(tmp_path / "unique", 2))[0]["latents"],
+                       rows[3][kept].transpose(1, 2).bfloat16())
+    with pytest.raises(errors.CacheError, match="source"):  # a rerun from another source is refused
+        lmdb_pairs.import_pairs(cfg, str(tmp_path / "pairs"), grid, None, unique_prompts=True)
+
+
+def test_lmdb_export_is_read_by_the_fields_reader_and_imports_back_equal_up_to_fp16(tmp_path, reference_cache):
+    import lmdb_pairs
+
+    out = tmp_path / "ours.lmdb"
+    assert lmdb_pairs.export_pairs(tiny_config(reference_cache, "data.num_samples=6"), str(out)) == 6
+    assert not Path(str(out) + atomic_files.TMP_SUFFIX).exists()
+    items = read_field_lmdb(out)
+    originals = [read_sample(cache_format.sample_path(reference_cache, i)) for i in range(6)]
+    for (row, prompt), (tensors, metadata) in zip(items, originals, strict=True):
+        assert row.shape == (5, 6, 16, 8, 8) and prompt == metadata["prompt"]  # [S, F, C, H, W], frames first
+        assert torch.equal(row, tensors["latents"].half().transpose(1, 2))
+    with pytest.raises(errors.ConfigError, match="exists"):
+        lmdb_pairs.export_pairs(tiny_config(reference_cache, "data.num_samples=6"), str(out))
+    # back, with the generator's own text encoder and grid (48 steps, shift 5, t_list's steps)
+    grid = lmdb_pairs.PairGrid(48, 5.0, (0, 12, 24, 36, -1))
+    back = tmp_path / "back"
+    cfg = config.load_config(TINY, pairs_overrides(back, grid, [999, 937, 833, 624, 0], "data.num_samples=null",
+                                                   f"models.student.init_from={REPO}/tiny_models/wan-tiny-teacher"))
+    lmdb_pairs.import_pairs(cfg, str(out), grid)
+    for i, (tensors, metadata) in enumerate(originals):
+        again, again_metadata = read_sample(cache_format.sample_path(back, i))
+        assert torch.equal(again["latents"], tensors["latents"].half().bfloat16())
+        assert torch.equal(again["prompt_embeds"], tensors["prompt_embeds"])
+        assert torch.equal(again["timesteps"], tensors["timesteps"])
+        assert again_metadata["prompt"] == metadata["prompt"]
+
+
+def test_a_causal_kd_run_trains_on_an_imported_cache_and_a_t_list_off_its_grid_is_refused(tmp_path):
+    import lmdb_pairs
+
+    grid = lmdb_pairs.PRESETS["self_forcing"]
+    write_field_lmdb(tmp_path / "pairs", pair_rows(grid, 6), PAIR_PROMPTS)
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    overrides = pairs_overrides(cache, grid, PAIR_T_LISTS["self_forcing"], "data.num_samples=null",
+                                "training.max_steps=3", "training.log_every=1", "training.eval_every=3",
+                                "training.eval_samples=2", "training.num_workers=0", "training.previews=false",
+                                "models.student.attention=block_causal", f"training.output_dir={out}")
+    lmdb_pairs.import_pairs(config.load_config(TINY, overrides), str(tmp_path / "pairs"), grid, "self_forcing")
+    proc = run_script("kd_causal.py", TINY, *overrides)  # kd.py's trainer with per-block timesteps
+    losses = [line["loss"] for line in read_jsonl(out / "metrics.jsonl")]
+    assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert "teacher 4-step n/a (no teacher configured)" in proc.stdout + proc.stderr
+    assert "rollout_error_teacher" not in read_jsonl(out / "eval.jsonl")[-1]
+    with pytest.raises(errors.ConfigError, match=r"entry 937 is .* from the teacher's grid \(48 steps, flow_shift "
+                                                 r"8.0\); nearest grid values"):
+        pairs_config(cache, "self_forcing", "method.t_list=[1000, 937, 0]")
+    with pytest.raises(errors.ConfigError, match=r"entry 941 is step 16 .* which the cache does not record; "
+                                                 r"method.recorded_steps holds 1000.00 \(step 0\), 960.00"):
+        pairs_config(cache, "self_forcing", "method.t_list=[1000, 941, 0]")
+    with pytest.raises(errors.ConfigError, match="method.recorded_steps must be strictly increasing"):
+        pairs_config(cache, "self_forcing", "method.recorded_steps=[0, 24, 12, 36]")
+
+
+@pytest.mark.parametrize("defect, message", [
+    (dict(latents_shape=""), r"pairs: no key 'latents_shape' \(expected the row count and the row shape"),
+    (dict(latents_shape="6"), r"latents_shape is '6', the row count alone .* expected 'N S F C H W', here "
+                              r"'6 5 6 16 8 8'"),
+    (dict(row_bytes={2: b"\0" * 100}), r"row 2: key latents_2_data holds 100 bytes, expected 61440 "
+                                       r"\(fp16 \[5, 6, 16, 8, 8\]"),
+    (dict(row_bytes={3: b""}), r"row 3: key latents_3_data is empty, expected 61440 bytes"),
+    (dict(prompt_bytes={5: b"a cat \xff"}), r"row 5: key prompts_5_data is not UTF-8 text"),
+    (dict(frames=5), r"latents_shape is '6 5 5 16 8 8', expected 'N 5 6 16 8 8': .* 6 latent frames of 16 "
+                     r"channels"),
+    (dict(channels=4), r"latents_shape is '6 5 6 4 8 8', expected 'N 5 6 16 8 8'"),
+], ids=["no_latents_shape", "shape_without_row", "row_length", "empty_row", "non_utf8_prompt", "frames",
+        "channels"])
+def test_a_bad_pair_lmdb_is_one_error_naming_the_file_row_and_key_and_nothing_is_written(tmp_path, defect,
+                                                                                        message):
+    import lmdb_pairs
+
+    grid = lmdb_pairs.PRESETS["self_forcing"]
+    frames, channels = defect.pop("frames", 6), defect.pop("channels", 16)
+    rows = torch.zeros(6, 5, frames, channels, 8, 8, dtype=torch.float16)
+    write_field_lmdb(tmp_path / "pairs", rows, PAIR_PROMPTS, **defect)
+    cache = tmp_path / "cache"
+    with pytest.raises(errors.ConfigError, match=message):
+        lmdb_pairs.import_pairs(pairs_config(cache, "self_forcing", "data.num_samples=null"),
+                                str(tmp_path / "pairs"), grid, "self_forcing")
+    assert not cache.exists()
+
+
+def test_an_import_with_a_config_off_the_pairs_grid_names_the_overrides_it_needs(tmp_path):
+    import lmdb_pairs
+
+    write_field_lmdb(tmp_path / "pairs", pair_rows(lmdb_pairs.PRESETS["self_forcing"], 6), PAIR_PROMPTS)
+    with pytest.raises(errors.ConfigError, match=r"need, in the config that kd.py then trains with: "
+                                                 r"method.recorded_steps=\[0, 12, 24, 36\] models.teacher=null "
+                                                 r"data.prompts=null$"):
+        lmdb_pairs.import_pairs(tiny_config(tmp_path / "cache", "pipeline.flow_shift=8.0",
+                                            "method.t_list=[1000, 960, 0]"),
+                                str(tmp_path / "pairs"), lmdb_pairs.PRESETS["self_forcing"])
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(errors.ConfigError, match=r"--indices \[0, 12, 24, 36\]: expected increasing positions "
+                                                 r"that include x0 \(index 48 or -1\)"):
+        lmdb_pairs.PairGrid(48, 8.0, (0, 12, 24, 36)).recorded_steps()
+
+
+def test_an_import_killed_part_way_then_rerun_on_two_ranks_equals_an_uninterrupted_import(tmp_path):
+    import lmdb_pairs
+
+    grid, n = lmdb_pairs.PRESETS["causal_forcing"], 64
+    prompts = [f"{PAIR_PROMPTS[i % 6]} {i}" for i in range(n)]
+    write_field_lmdb(tmp_path / "pairs", pair_rows(grid, n), prompts)
+    overrides = lambda cache: pairs_overrides(cache, grid, PAIR_T_LISTS["causal_forcing"],  # noqa: E731
+                                              "data.num_samples=null")
+    lmdb_pairs.import_pairs(config.load_config(TINY, overrides(tmp_path / "reference")), str(tmp_path / "pairs"),
+                            grid, "causal_forcing")
+    cache = tmp_path / "cache"
+    args = ["import", TINY, tmp_path / "pairs", "--preset", "causal_forcing", *overrides(cache)]
+    proc = start(command("lmdb_pairs.py", args))
+    first = Path(cache_format.sample_path(cache, 0))
+    processes.wait_for(first, proc)
+    processes.kill(proc)
+    assert first.exists() and not (cache / "COMPLETE").exists(), "the kill came too late to test resuming"
+    run_script("lmdb_pairs.py", *args, ranks=2)
+    assert_same_cache(cache, tmp_path / "reference")
+
+
+def test_an_export_stopped_by_a_corrupt_sample_leaves_no_lmdb_and_resumes_after_the_repair(tmp_path,
+                                                                                          reference_cache,
+                                                                                          monkeypatch):
+    import lmdb_pairs
+
+    cache, out = tmp_path / "cache", tmp_path / "ours.lmdb"
+    shutil.copytree(reference_cache, cache)
+    victim = Path(cache_format.sample_path(cache, 4))
+    flip_bit(victim, latents_byte_offset(victim, 2, 3))
+    monkeypatch.setattr(lmdb_pairs, "COMMIT_BYTES", 1)  # one row per transaction
+    cfg = tiny_config(cache, "data.num_samples=6")
+    with pytest.raises(errors.CacheError, match=f"{victim} is unusable .*latents fail their CRC32 checksums"):
+        lmdb_pairs.export_pairs(cfg, str(out))
+    assert not out.exists() and Path(str(out) + atomic_files.TMP_SUFFIX).exists()
+    shutil.copy(cache_format.sample_path(reference_cache, 4), victim)
+    assert lmdb_pairs.export_pairs(cfg, str(out)) == 2  # rows 0-3 were committed before the stop
+    for (row, _), i in zip(read_field_lmdb(out), range(6), strict=True):
+        assert torch.equal(row, read_sample(cache_format.sample_path(reference_cache, i))[0]["latents"]
+                           .half().transpose(1, 2))
+
+
+def test_the_shipped_pairs_config_is_the_self_forcing_grid_with_nothing_left_to_override():
+    import lmdb_pairs
+
+    cfg = config.load_config(REPO / "configs" / "wan_pairs.yaml")
+    assert lmdb_pairs.import_config_problems(cfg, lmdb_pairs.PRESETS["self_forcing"]) == []
+    assert flow_matching.teacher_grid(cfg).positions == [0, 1, 2, 3]
