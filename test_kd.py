@@ -471,7 +471,7 @@ class ConstantVelocity(torch.nn.Module):
 @pytest.mark.parametrize("ratio", [0.875, 0.5])
 def test_the_high_noise_expert_runs_while_t_is_at_least_the_boundary_then_the_low_noise_expert(ratio):
     noise, cond, uncond = random_inputs(4)
-    steps, sigmas = 24, flow_matching.shifted_sigmas(24, 5.0)
+    sigmas = flow_matching.shifted_sigmas(24, 5.0)
     high, low = ConstantVelocity(1.0), ConstantVelocity(-2.0)
     final = teacher.teacher_rollout(high, noise, cond, uncond, sigmas, 4.0, [],
                                     teacher.LowNoiseExpert(low, 3.0, ratio * 1000))[0, -1]
