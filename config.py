@@ -49,6 +49,7 @@ DEFAULTS = {
         "teacher_guidance_scale": 1.0,  # classifier-free guidance g: uncond + g * (cond - uncond); 1 = no CFG
         "teacher_inference_steps": 48,  # Euler steps of the teacher's ODE
         "teacher_negative_prompt": WAN_NEGATIVE_PROMPT,  # the unconditional prompt of CFG
+        "teacher_cfg_forward": "batched",  # CFG as one forward of batch 2 | separate: two of batch 1
         "num_frames_per_block": 3,  # latent frames sharing one noise level (causal students)
         "t_list_tolerance": 1.0,  # max distance, in timesteps, of a t_list entry from its teacher grid point
         "keep_full_trajectory": False,  # cache every teacher state, not only those at t_list (bigger files)
@@ -232,6 +233,9 @@ def validate_config(cfg):
                           f"got {m.teacher_inference_steps}")
     if m.teacher_guidance_scale < 0:
         raise ConfigError(f"method.teacher_guidance_scale must be >= 0, got {m.teacher_guidance_scale}")
+    if m.teacher_cfg_forward not in ("batched", "separate"):
+        raise ConfigError("method.teacher_cfg_forward must be 'batched' or 'separate', "
+                          f"got {m.teacher_cfg_forward!r}")
     if m.t_list_tolerance < 0:
         raise ConfigError("method.t_list_tolerance must be >= 0")
     p = cfg.pipeline

@@ -592,7 +592,7 @@ def teacher_k_step_samples(cfg, indices, load_sample, sigmas, max_len, device):
         states, _, embeds = load_sample(index)
         samples[index] = (states[:1], embeds)  # the initial noise [1, C, F, H, W], prompt [1, L, D]
     return teacher_k_step(cfg.models.teacher.init_from, samples, negative, sigmas.double().cpu(),
-                          cfg.method.teacher_guidance_scale, device)
+                          cfg.method.teacher_guidance_scale, device, cfg.method.teacher_cfg_forward)
 
 
 def rollout_error(x0_of, indices, load_sample, rank, world_size, device):

@@ -36,16 +36,15 @@ def encode_prompt(encoder, tokenizer, prompt, max_length, device):
 
 
 @torch.no_grad()
-def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidance_scale, record_steps):
+def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidance_scale, record_steps,
+                    cfg_forward="batched"):
     """Euler over the teacher's sigma grid with classifier-free guidance; the kept states and x0, fp32.
 
     model: any module with WanTransformer3DModel's forward(hidden_states, timestep, encoder_hidden_states,
     return_dict=False) returning the velocity v = eps - x0. noise [B, C, F, H, W]; prompt_embeds,
     negative_embeds [B, L, D] (negative unused when guidance_scale == 1); sigmas [N] descending from 1 (the
-    final 0 is implied); record_steps: step indices whose pre-step state is kept. Returns [B,
-    len(record_steps) + 1, C, F, H, W]."""
-    guided = guidance_scale != 1
-    context = torch.cat([prompt_embeds, negative_embeds]) if guided else prompt_embeds  # [B or 2B, L, D]
+    final 0 is implied); record_steps: step indices whose pre-step state is kept; cfg_forward: see
+    guided_velocity. Returns [B, len(record_steps) + 1, C, F, H, W]."""
     sig = [float(s) for s in sigmas] + [0.0]
     record = set(record_steps)
     x = noise.float()
@@ -53,25 +52,42 @@ def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidan
     for i in range(len(sigmas)):
         if i in record:
             kept.append(x)
-        model_in = torch.cat([x, x]) if guided else x  # cond and uncond in one batched forward
-        t = torch.full((model_in.shape[0],), sig[i] * NUM_TRAIN_TIMESTEPS, device=x.device)
-        with autocast(x.device):
-            v = model(model_in, t, context, return_dict=False)[0].float()
-        if guided:
-            cond, uncond = v.chunk(2)
-            v = uncond + guidance_scale * (cond - uncond)
+        v = guided_velocity(model, x, sig[i] * NUM_TRAIN_TIMESTEPS, prompt_embeds, negative_embeds,
+                            guidance_scale, cfg_forward)
         x = euler_step(x, v, sig[i], sig[i + 1])
     kept.append(x)
     return torch.stack(kept, dim=1)
 
 
+def guided_velocity(model, x, timestep, prompt_embeds, negative_embeds, guidance_scale, cfg_forward):
+    """v = uncond + g * (cond - uncond) [B, C, F, H, W] fp32 at one timestep. cfg_forward "batched": cond and
+    uncond as one forward of batch 2B; "separate": two forwards of batch B (half the activation memory). The
+    two agree to rounding (method.teacher_cfg_forward)."""
+
+    def velocity(x_in, context):
+        t = torch.full((x_in.shape[0],), timestep, device=x.device)
+        with autocast(x.device):
+            return model(x_in, t, context, return_dict=False)[0].float()
+
+    if guidance_scale == 1:
+        return velocity(x, prompt_embeds)
+    if cfg_forward == "batched":
+        cond, uncond = velocity(torch.cat([x, x]), torch.cat([prompt_embeds, negative_embeds])).chunk(2)
+    else:
+        cond, uncond = velocity(x, prompt_embeds), velocity(x, negative_embeds)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 @torch.no_grad()
-def teacher_k_step(init_from, samples, negative_embeds, sigmas, guidance_scale, device):
+def teacher_k_step(init_from, samples, negative_embeds, sigmas, guidance_scale, device,
+                   cfg_forward="batched"):
     """{index: x0 [C, F, H, W]} of the teacher's own sampling over the student's K grid points, with CFG.
 
     samples: {index: (initial state [1, C, F, H, W], prompt embeddings [1, L, D])}; negative_embeds [1, L, D];
-    sigmas [K] the student's matched sigmas. The teacher is loaded for the call and freed after it.
+    sigmas [K] the student's matched sigmas; cfg_forward as in guided_velocity. The teacher is loaded for the
+    call and freed after it.
     """
     model = load_teacher(init_from, device)
-    return {index: teacher_rollout(model, noise, embeds, negative_embeds, sigmas, guidance_scale, [])[0, -1]
+    return {index: teacher_rollout(model, noise, embeds, negative_embeds, sigmas, guidance_scale, [],
+                                   cfg_forward)[0, -1]
             for index, (noise, embeds) in samples.items()}
