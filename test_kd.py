@@ -1137,9 +1137,10 @@ def test_bench_gpu_smoke_prints_the_table_and_writes_the_documented_json(tmp_pat
 
     proc = run_script("bench_gpu.py", "--smoke", "--out", tmp_path / "bench.json")
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert set(result) == {"size", "device", "torch", "text_tokens", "matmul_ceiling_tflops_per_s", "results"}
+    assert set(result) == {"size", "device", "torch", "text_tokens", "matmul_ceiling_tflops_per_s", "results",
+                           "cfg_batched_over_separate"}
     names = [row["name"] for row in result["results"]]
-    assert names == ["teacher smoke step, CFG batch 2"] + [
+    assert names == ["teacher smoke step, CFG batch 2", "teacher smoke step, CFG 2 x batch 1"] + [
         f"student smoke KD step, {a}, checkpointing {c}" for a in ("bidirectional", "block-causal")
         for c in ("off", "on")]
     for row in result["results"]:
@@ -1149,6 +1150,8 @@ def test_bench_gpu_smoke_prints_the_table_and_writes_the_documented_json(tmp_pat
         batch, factor = (2, 1) if row["name"].startswith("teacher") else (1, 3)
         assert row["flops"] == factor * bench_gpu.wan_forward_flops(bench_gpu.SMOKE, row["latents"], 16,
                                                                     batch, 3 if causal else None)
+    teacher_seconds = [row["seconds"] for row in result["results"][:2]]
+    assert result["cfg_batched_over_separate"] == teacher_seconds[0] / teacher_seconds[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
