@@ -1152,7 +1152,8 @@ def test_the_quick_fault_campaign_loses_nothing_and_every_bad_input_is_a_clear_e
 # Ready for the machines it is meant for: CFG forwards, multi-node launches, the one-command GPU check
 
 
-def test_separate_cfg_forwards_are_two_plain_forwards_and_agree_with_the_batched_one_to_rounding(tiny_teacher):
+def test_separate_cfg_forwards_are_two_plain_forwards_and_agree_with_the_batched_one_to_rounding(
+        tiny_teacher):
     noise, cond, uncond = random_inputs(2)
     sigmas, g = flow_matching.shifted_sigmas(6, 5.0), 4.0
     separate = teacher.teacher_rollout(tiny_teacher, noise, cond, uncond, sigmas, g, [0, 3], "separate")
@@ -1183,7 +1184,7 @@ def test_a_cache_completed_with_separate_cfg_forwards_is_accepted_and_equal_with
     assert written == 2  # the fingerprint does not hold the CFG forward: the cache is not stale
     difference = gpu_check.cache_difference(cache, reference_cache)
     assert 0 < difference < 2**-8  # at most bf16 rounding apart
-    with pytest.raises(errors.ConfigError, match="method.teacher_cfg_forward must be 'batched' or 'separate'"):
+    with pytest.raises(errors.ConfigError, match="teacher_cfg_forward must be 'batched' or 'separate'"):
         tiny_config(tmp_path, "method.teacher_cfg_forward=both")
 
 
@@ -1256,3 +1257,22 @@ def test_a_failing_gpu_check_stage_is_a_fail_row_with_its_reason_and_the_next_st
         ("broken", "FAIL"), ("check not met", "FAIL"), ("next", "pass")]
     assert report.rows[0]["detail"].startswith("RuntimeError: ") and "\n" not in report.rows[0]["detail"]
     assert report.rows[1]["detail"].startswith("FileNotFoundError: ")
+
+
+def test_checking_the_weights_before_a_checkpoint_reads_one_value_back_not_one_per_parameter():
+    import checkpoints
+    import gpu_check
+
+    rank, world_size, device = distributed.init_distributed()
+    try:
+        student = models.load_transformer(str(REPO / "tiny_models" / "wan-tiny-student"), device)
+        model = kd.shard_student(student, "full", 3, False, device)
+        reads = gpu_check.ScalarReads()
+        with reads:
+            assert checkpoints.weights_are_finite(model, device)
+        assert reads.counts == {"cpu": 1} and len(list(model.parameters())) > 20
+        with torch.no_grad():
+            model.blocks[1].ffn.net[2].weight.to_local()[0, 0] = float("nan")
+        assert not checkpoints.weights_are_finite(model, device)
+    finally:
+        distributed.shutdown_distributed()
