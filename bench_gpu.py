@@ -19,15 +19,15 @@ Architectures are the published Wan2.1-T2V-14B and -1.3B transformer configs.
 """
 
 import argparse
-import json
 import time
 
 import torch
 
 import kd
+from atomic_files import write_json_atomic
 from distributed import init_distributed, shutdown_distributed
-from flow_matching import NUM_TRAIN_TIMESTEPS
 from errors import one_line
+from flow_matching import NUM_TRAIN_TIMESTEPS
 from models import compute_dtype
 from teacher import teacher_rollout
 
@@ -176,6 +176,10 @@ def run(size, out_path, latent_frames=None):
         torch.set_num_threads(1)
     ceiling = matmul_ceiling(device, n)
     rows = []
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    result = {"size": size, "device": device_name, "torch": torch.__version__, "text_tokens": text_tokens,
+              "matmul_ceiling_tflops_per_s": ceiling / 1e12, "results": rows,
+              "cfg_batched_over_separate": None}
 
     def record(name, config, shape, flops, measure):
         try:
@@ -193,6 +197,8 @@ def run(size, out_path, latent_frames=None):
                      "flops": flops, "tflops_per_s": flops / seconds / 1e12 if seconds else None,
                      "mfu": flops / seconds / ceiling if seconds else None,
                      "peak_memory_gib": peak / 2**30 if peak is not None else None})
+        result["cfg_batched_over_separate"] = cfg_ratio(rows)
+        write_json_atomic(out_path, result)  # after every row: a run stopped part-way leaves its rows
         return status
 
     frame_options = [latents[1]] + [f for f in (13, 9, 5) if f < latents[1] and not latent_frames]
@@ -215,12 +221,6 @@ def run(size, out_path, latent_frames=None):
                    lambda: student_train_step(device, student_cfg, latents, text_tokens, attention,
                                               checkpointing))
     shutdown_distributed()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    result = {"size": size, "device": device_name, "torch": torch.__version__, "text_tokens": text_tokens,
-              "matmul_ceiling_tflops_per_s": ceiling / 1e12, "results": rows,
-              "cfg_batched_over_separate": cfg_ratio(rows)}
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2)
     print_table(result)
     return result
 
