@@ -4,11 +4,11 @@
     python gpu_check.py --smoke --out check.json  # the same stages at smoke size on any machine (the tests)
 
 Every stage runs even when an earlier one failed; its row then says why, and the exit status is 1.
-  1. The tiny pipeline end to end through the real scripts on the device, each under `torchrun
-     --nproc_per_node=1`: generate_cache.py (the random tiny teacher, CFG), kd.py and kd_causal.py for a few
-     dozen steps, export.py --verify. The device's cache must equal a CPU cache of the same config (written
-     with CUDA hidden) within bf16 (CACHE_TOLERANCE), and the losses must fall. Without CUDA the device's
-     cache is the CPU cache, compared with itself.
+  1. The tiny pipeline end to end through the real scripts on the device: generate_cache.py (the random tiny
+     teacher, CFG), kd.py and kd_causal.py for a few dozen steps, each under `torchrun --nproc_per_node=1`,
+     then export.py --verify (one CPU process). The device's cache must equal a CPU cache of the same config
+     (written with CUDA hidden) within bf16 (CACHE_TOLERANCE), and the losses must fall. Without CUDA the
+     device's cache is the CPU cache, compared with itself.
   2. KD training steps read nothing back to the host but each micro-batch's uniform flag (computed on its CPU
      step indices); on CUDA the steps also run under torch.cuda.set_sync_debug_mode("error").
   3. bench_gpu.py at real size (--smoke: its smoke size): the 14B teacher step with CFG batched and as two
@@ -59,12 +59,12 @@ def pipeline_overrides(cache_dir, samples, *extra):
     return [*random_tiny_overrides(cache_dir), f"data.num_samples={samples}", *extra]
 
 
-def run_script(script, args, timeout, cuda=True):
-    """stdout of `script` under torchrun --nproc_per_node=1 (StageFailed naming its last error line);
-    cuda=False hides every CUDA device from it."""
+def run_script(script, args, timeout, cuda=True, torchrun=True):
+    """stdout of `script`, under torchrun --nproc_per_node=1 unless torchrun=False (StageFailed naming its
+    first error line); cuda=False hides every CUDA device from it."""
     env = processes.environment() if cuda else processes.environment(CUDA_VISIBLE_DEVICES="")
     try:
-        [proc] = processes.run_together([processes.command(script, args, torchrun=True)], timeout, env)
+        [proc] = processes.run_together([processes.command(script, args, torchrun=torchrun)], timeout, env)
     except TimeoutError:
         raise StageFailed(f"{script} ran past {timeout} s") from None
     if proc.returncode != 0:
@@ -238,7 +238,7 @@ def run_pipeline(report, work, device_name, samples, steps, timeout):
 
     def export():
         out = run_script("export.py", ["--checkpoint", kd_run, "--output-dir", os.path.join(work, "export"),
-                                       "--verify"], timeout)
+                                       "--verify"], timeout, torchrun=False)  # one CPU process, as documented
         verified = [line for line in out.splitlines() if line.startswith("verified:")]
         if not verified:
             raise StageFailed(f"export.py printed no verification: {out.strip()[-200:]}")
