@@ -32,7 +32,10 @@ import torch
 from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import kd
 import processes
+from config import load_config
+from distributed import init_distributed, shutdown_distributed
 from errors import one_line
 from tiny_demo import random_tiny_overrides
 
@@ -113,6 +116,7 @@ def losses_fall(run_dir):
 
 
 def training_args(cache_dir, samples, steps, out_dir, *extra):
+    """kd.py's arguments: `steps` steps on the first samples, a loss line per step, one eval at the end."""
     return [TINY, *pipeline_overrides(cache_dir, samples, f"training.output_dir={out_dir}",
                                       f"training.max_steps={steps}", "training.log_every=1",
                                       f"training.eval_every={steps}", f"training.checkpoint_every={steps}",
@@ -139,10 +143,6 @@ class ScalarReads(TorchDispatchMode):
 def host_reads_per_step(cache_dir, samples, out_dir):
     """{device: values read back} over SYNC_STEPS KD training steps on this process's device (after a warm-up
     step), under CUDA's sync debug mode "error" on a GPU (a synchronising op raises)."""
-    import kd
-    from config import load_config
-    from distributed import init_distributed, shutdown_distributed
-
     cfg = load_config(TINY, pipeline_overrides(cache_dir, samples, f"training.output_dir={out_dir}",
                                                "models.teacher=null", "training.eval_samples=0",
                                                "training.num_workers=0"))
@@ -171,6 +171,7 @@ def host_reads_per_step(cache_dir, samples, out_dir):
 
 
 def host_reads_check(cache_dir, samples, out_dir):
+    """The detail line when the training steps read back only their uniform flags (StageFailed otherwise)."""
     reads = host_reads_per_step(cache_dir, samples, out_dir)
     on_cpu, elsewhere = reads.get("cpu", 0), {k: v for k, v in reads.items() if k != "cpu"}
     sync_mode = "; no synchronising op under CUDA's sync debug mode" if torch.cuda.is_available() else ""

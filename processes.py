@@ -86,7 +86,8 @@ def run_together(cmds, timeout=600, env=None):
                 if proc.poll() is None:
                     kill(proc)
             if not failed:
-                raise TimeoutError(f"{' '.join(map(str, cmds[0][1:4]))} ... ran past {timeout} s")
+                script = next((arg for arg in map(str, cmds[0]) if arg.endswith(".py")), cmds[0][0])
+                raise TimeoutError(f"{script} ran past {timeout} s")
         time.sleep(0.05)
     results = []
     for cmd, proc, (out, err) in zip(cmds, procs, outputs):

@@ -1188,6 +1188,14 @@ def test_a_cache_completed_with_separate_cfg_forwards_is_accepted_and_equal_with
         tiny_config(tmp_path, "method.teacher_cfg_forward=both")
 
 
+def test_a_node_that_fails_ends_its_peers_instead_of_leaving_them_waiting_for_the_rendezvous():
+    sleeper, failing = [sys.executable, "-c", "import time; time.sleep(60)"], [sys.executable, "-c", "exit(3)"]
+    nodes = processes.run_together([sleeper, failing], timeout=50)
+    assert [node.returncode for node in nodes] == [-signal.SIGKILL, 3]
+    with pytest.raises(TimeoutError, match="ran past 1 s"):
+        processes.run_together([sleeper], timeout=1)
+
+
 def test_two_torchrun_nodes_write_the_single_process_cache(tmp_path, reference_cache):
     cache = tmp_path / "cache"
     args = [TINY, *tiny_overrides(cache, "data.num_samples=6")]
