@@ -1,7 +1,7 @@
-"""Test and benchmark scaffolding: the scripts run as real subprocesses (torchrun for several ranks), and
-killed.
+"""Test and benchmark scaffolding: the scripts run as real subprocesses (torchrun for several ranks, or as
+several nodes on this machine), and killed.
 
-Shared by test_kd.py, faults.py and bench.py.
+Shared by test_kd.py, faults.py, bench.py and gpu_check.py.
 """
 
 import os
