@@ -6,24 +6,27 @@
 
 Measures, in one process on one device:
   - the dense matmul ceiling (bf16 on GPU): the denominator of every MFU below;
-  - one 14B teacher step with CFG (cond + uncond as one batch of 2), exactly teacher.teacher_rollout's code,
-    at 480x832 x 81 frames (latents [16, 21, 60, 104], 32760 tokens), or at the most latent frames that fit;
+  - one 14B teacher step with CFG, exactly teacher.teacher_rollout's code, both ways teacher_cfg_forward
+    offers (cond + uncond as one batch of 2; two forwards of batch 1), at 480x832 x 81 frames (latents
+    [16, 21, 60, 104], 32760 tokens), or at the most latent frames that fit;
   - one 1.3B student KD training step through kd.py's own code (FSDP2, bf16 compute, fp32 reduce, fused AdamW,
     kd_frame_losses), bidirectional and block-causal, gradient checkpointing off and on;
-  - each one's peak device memory and MFU = model FLOPs / time / ceiling. FLOPs come from wan_forward_flops
+  - each one's peak device memory and MFU = model FLOPs / time / ceiling. A variant that runs out of memory or
+    fails is a row saying so, and the others still run. FLOPs come from wan_forward_flops
     (training: 3x forward, recomputation not counted), which the tests check against torch's FlopCounterMode.
 
 Architectures are the published Wan2.1-T2V-14B and -1.3B transformer configs.
 """
 
 import argparse
-import json
 import time
 
 import torch
 
 import kd
+from atomic_files import write_json_atomic
 from distributed import init_distributed, shutdown_distributed
+from errors import one_line
 from flow_matching import NUM_TRAIN_TIMESTEPS
 from models import compute_dtype
 from teacher import teacher_rollout
@@ -41,6 +44,7 @@ SIZES = {
 }
 FRAMES_PER_BLOCK = 3  # block-causal students (Self-Forcing's blocks of 3 latent frames)
 TIMED = 3  # timed repetitions after one warm-up
+CFG_FORWARDS = {"batched": "CFG batch 2", "separate": "CFG 2 x batch 1"}  # teacher_cfg_forward: row label
 
 
 def wan_forward_flops(config, latents, text_tokens, batch, frames_per_block=None):
@@ -114,7 +118,7 @@ def matmul_ceiling(device, n):
     return 10 * 2 * n**3 / seconds
 
 
-def teacher_cfg_step(device, config, latents, text_tokens):
+def teacher_cfg_step(device, config, latents, text_tokens, cfg_forward):
     """(seconds, peak bytes) of one CFG teacher step, as teacher.teacher_rollout runs it."""
     model = wan_on(device, config, compute_dtype(device)).eval().requires_grad_(False)
     noise = torch.randn(1, *latents, device=device)  # [1, C, F, H, W]
@@ -122,7 +126,8 @@ def teacher_cfg_step(device, config, latents, text_tokens):
     uncond = torch.randn(1, text_tokens, config["text_dim"], device=device)
     sigmas = torch.tensor([1.0])
     try:
-        return timed(lambda: teacher_rollout(model, noise, cond, uncond, sigmas, 5.0, []), device)
+        return timed(lambda: teacher_rollout(model, noise, cond, uncond, sigmas, 5.0, [],
+                                             cfg_forward=cfg_forward), device)
     finally:
         del model
 
@@ -171,15 +176,18 @@ def run(size, out_path, latent_frames=None):
         torch.set_num_threads(1)
     ceiling = matmul_ceiling(device, n)
     rows = []
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    result = {"size": size, "device": device_name, "torch": torch.__version__, "text_tokens": text_tokens,
+              "matmul_ceiling_tflops_per_s": ceiling / 1e12, "results": rows,
+              "cfg_batched_over_separate": None}
 
     def record(name, config, shape, flops, measure):
         try:
             seconds, peak = measure()
             status = "ok"
-        except RuntimeError as e:
-            if not out_of_memory(e):
-                raise
-            seconds, peak, status = None, None, "out of memory"
+        except Exception as e:  # noted in the table; the other variants still run
+            seconds, peak = None, None
+            status = "out of memory" if out_of_memory(e) else f"failed: {type(e).__name__}: {one_line(e)}"
         if device.type == "cuda":
             torch.cuda.empty_cache()
         tokens = shape[1] * (shape[2] // 2) * (shape[3] // 2)
@@ -189,14 +197,18 @@ def run(size, out_path, latent_frames=None):
                      "flops": flops, "tflops_per_s": flops / seconds / 1e12 if seconds else None,
                      "mfu": flops / seconds / ceiling if seconds else None,
                      "peak_memory_gib": peak / 2**30 if peak is not None else None})
-        return status == "ok"
+        result["cfg_batched_over_separate"] = cfg_ratio(rows)
+        write_json_atomic(out_path, result)  # after every row: a run stopped part-way leaves its rows
+        return status
 
     frame_options = [latents[1]] + [f for f in (13, 9, 5) if f < latents[1] and not latent_frames]
-    for frames in frame_options:  # the largest shape whose teacher step fits
+    for frames in frame_options:  # the largest shape whose teacher steps fit
         shape = (latents[0], frames, *latents[2:])
-        if record(f"teacher {teacher_label} step, CFG batch 2", teacher_cfg, shape,
-                  wan_forward_flops(teacher_cfg, shape, text_tokens, 2),
-                  lambda: teacher_cfg_step(device, teacher_cfg, shape, text_tokens)):
+        statuses = [record(f"teacher {teacher_label} step, {label}", teacher_cfg, shape,
+                           wan_forward_flops(teacher_cfg, shape, text_tokens, 2),
+                           lambda: teacher_cfg_step(device, teacher_cfg, shape, text_tokens, cfg_forward))
+                    for cfg_forward, label in CFG_FORWARDS.items()]
+        if "out of memory" not in statuses:
             break
     for attention in ("full", "block_causal"):
         for checkpointing in (False, True):
@@ -209,13 +221,19 @@ def run(size, out_path, latent_frames=None):
                    lambda: student_train_step(device, student_cfg, latents, text_tokens, attention,
                                               checkpointing))
     shutdown_distributed()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    result = {"size": size, "device": device_name, "torch": torch.__version__, "text_tokens": text_tokens,
-              "matmul_ceiling_tflops_per_s": ceiling / 1e12, "results": rows}
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2)
     print_table(result)
     return result
+
+
+def cfg_ratio(rows):
+    """Seconds of the batched CFG teacher step / the separate one, at the largest shape both ran, or None."""
+    seconds = {}
+    for row in rows:
+        for cfg_forward, label in CFG_FORWARDS.items():
+            if row["name"].endswith(label) and row["status"] == "ok":
+                seconds.setdefault(tuple(row["latents"]), {})[cfg_forward] = row["seconds"]
+    both = [pair for pair in seconds.values() if len(pair) == 2]
+    return both[0]["batched"] / both[0]["separate"] if both else None
 
 
 def print_table(result):
@@ -230,6 +248,8 @@ def print_table(result):
         memory = f"{row['peak_memory_gib']:9.1f}" if row["peak_memory_gib"] is not None else f"{'n/a':>9}"
         print(f"  {row['name']:<58} {str(row['latents']):<18} {row['seconds']:8.3f} "
               f"{row['tflops_per_s']:8.3g} {row['mfu']:6.1%} {memory}")
+    if result["cfg_batched_over_separate"] is not None:
+        print(f"  CFG teacher step: batched / separate = {result['cfg_batched_over_separate']:.3f}")
 
 
 def main():

@@ -36,11 +36,11 @@ def checkpoint_dirs(output_dir):
 
 
 def weights_are_finite(model, device):
-    """Whether every rank's shard of the model's parameters is finite (collective)."""
+    """Whether every rank's shard of the model's parameters is finite (collective; one value read back, not
+    one per parameter: on a GPU each read waits for the device)."""
     # DTensor shards, or plain tensors while FSDP2 holds the root unsharded (after an eval forward)
-    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-                for p in model.parameters())
-    flag = torch.tensor(float(local), device=device)
+    shards = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    flag = torch.stack([torch.isfinite(shard).all() for shard in shards]).all().float().to(device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

@@ -54,6 +54,7 @@ DEFAULTS = {
         "teacher_boundary_ratio": Opt(float),  # high-noise expert while t >= ratio * 1000; None: model_index's
         "teacher_inference_steps": 48,  # Euler steps of the teacher's ODE
         "teacher_negative_prompt": WAN_NEGATIVE_PROMPT,  # the unconditional prompt of CFG
+        "teacher_cfg_forward": "batched",  # CFG as one forward of batch 2 | separate: two of batch 1
         "num_frames_per_block": 3,  # latent frames sharing one noise level (causal students)
         # the timestep the student is conditioned on at each t_list entry: grid = its matched teacher-grid point
         # (1000, 937.5, 833.33, 625 for the default t_list: what Self-Forcing and diffusers' schedulers call the
@@ -250,6 +251,9 @@ def validate_config(cfg):
             raise ConfigError(f"method.{key} must be >= 0, got {m[key]}")
     if m.teacher_boundary_ratio is not None and not 0 <= m.teacher_boundary_ratio <= 1:
         raise ConfigError(f"method.teacher_boundary_ratio must be in [0, 1], got {m.teacher_boundary_ratio}")
+    if m.teacher_cfg_forward not in ("batched", "separate"):
+        raise ConfigError("method.teacher_cfg_forward must be 'batched' or 'separate', "
+                          f"got {m.teacher_cfg_forward!r}")
     if m.t_list_tolerance < 0:
         raise ConfigError("method.t_list_tolerance must be >= 0")
     if m.student_timesteps not in ("grid", "t_list"):

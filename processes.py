@@ -1,34 +1,58 @@
-"""Test and benchmark scaffolding: the scripts run as real subprocesses (torchrun for several ranks), and
-killed.
+"""Test and benchmark scaffolding: the scripts run as real subprocesses (torchrun for several ranks, or as
+several nodes on this machine), and killed.
 
-Shared by test_kd.py, faults.py and bench.py.
+Shared by test_kd.py, faults.py, bench.py and gpu_check.py.
 """
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 
 
-def command(script, args, ranks=1, file_limit_kib=None):
-    """argv of `script` on `ranks` processes (torchrun when more than one), under bash's `ulimit -f` when
-    given."""
+def command(script, args, ranks=1, file_limit_kib=None, torchrun=False):
+    """argv of `script` on `ranks` processes (torchrun when more than one, or when asked), under bash's
+    `ulimit -f` when given."""
     launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-                if ranks > 1 else [])
+                if ranks > 1 or torchrun else [])
     cmd = [sys.executable, *launcher, str(script), *map(str, args)]
     if file_limit_kib is None:
         return cmd
     return ["bash", "-c", f'ulimit -f {file_limit_kib} && exec "$@"', "bash", *cmd]
 
 
-def environment():
+def node_commands(script, args, nodes, rendezvous="c10d"):
+    """argv of `script` as `nodes` torchrun nodes of one process each on this machine, started as a multi-node
+    job is: c10d rendezvous (ranks in order of arrival) or static (--node_rank, --master_addr/port)."""
+    port = free_port()
+    cmds = []
+    for node in range(nodes):
+        if rendezvous == "c10d":
+            meeting = ["--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}", f"--rdzv_id=job{port}"]
+        else:
+            meeting = [f"--node_rank={node}", "--master_addr=localhost", f"--master_port={port}"]
+        cmds.append([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
+                     *meeting, str(script), *map(str, args)])
+    return cmds
+
+
+def free_port():
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def environment(**extra):
     """One thread per process, as the subprocess ranks and the in-process references must compute the same
-    floats."""
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    floats; `extra` variables on top."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
 def run(cmd, timeout=600):
@@ -44,6 +68,34 @@ def run_script(script, *args, ranks=1, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_together(cmds, timeout=600, env=None):
+    """Start `cmds` at once (the nodes of one job) and wait for all: [CompletedProcess], output as text.
+
+    When one fails, or `timeout` seconds pass, every process tree still running is killed (a node left alone
+    would wait for its peers until the rendezvous timeout); past `timeout` it raises TimeoutError."""
+    outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cmds]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env or environment(), stdout=out, stderr=err, text=True)
+             for cmd, (out, err) in zip(cmds, outputs)]
+    deadline = time.time() + timeout
+    while any(proc.poll() is None for proc in procs):
+        failed = any(proc.poll() not in (None, 0) for proc in procs)
+        if failed or time.time() > deadline:
+            for proc in procs:
+                if proc.poll() is None:
+                    kill(proc)
+            if not failed:
+                script = next((arg for arg in map(str, cmds[0]) if arg.endswith(".py")), cmds[0][0])
+                raise TimeoutError(f"{script} ran past {timeout} s")
+        time.sleep(0.05)
+    results = []
+    for cmd, proc, (out, err) in zip(cmds, procs, outputs):
+        with out, err:
+            out.seek(0)
+            err.seek(0)
+            results.append(subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()))
+    return results
 
 
 def start(cmd):

@@ -88,14 +88,15 @@ def encode_prompt(encoder, tokenizer, prompt, max_length, device):
 
 @torch.no_grad()
 def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidance_scale, record_steps,
-                    low_noise=None):
+                    low_noise=None, cfg_forward="batched"):
     """Euler over the teacher's sigma grid with classifier-free guidance; the kept states and x0, fp32.
 
     model: any module with WanTransformer3DModel's forward(hidden_states, timestep, encoder_hidden_states,
     return_dict=False) returning the velocity v = eps - x0. noise [B, C, F, H, W]; prompt_embeds,
     negative_embeds [B, L, D] (negative unused when guidance_scale == 1); sigmas [N] descending from 1 (the
     final 0 is implied); record_steps: step indices whose pre-step state is kept; low_noise: a LowNoiseExpert
-    that takes over below its boundary (Wan2.2), or None. Returns [B, len(record_steps) + 1, C, F, H, W]."""
+    that takes over below its boundary (Wan2.2), or None; cfg_forward: see guided_velocity. Returns
+    [B, len(record_steps) + 1, C, F, H, W]."""
     sig = [float(s) for s in sigmas] + [0.0]
     record = set(record_steps)
     x = noise.float()
@@ -107,25 +108,29 @@ def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidan
         expert, scale = model, guidance_scale
         if low_noise is not None and t < low_noise.boundary:  # diffusers' switch, in float32 as its timesteps
             expert, scale = low_noise.model, low_noise.guidance_scale
-        v = guided_velocity(expert, x, float(t), prompt_embeds, negative_embeds, scale)
+        v = guided_velocity(expert, x, float(t), prompt_embeds, negative_embeds, scale, cfg_forward)
         x = euler_step(x, v, sig[i], sig[i + 1])
     kept.append(x)
     return torch.stack(kept, dim=1)
 
 
-def guided_velocity(model, x, t, prompt_embeds, negative_embeds, guidance_scale):
-    """v [B, C, F, H, W] fp32 at timestep t: uncond + g * (cond - uncond), cond and uncond in one batched
-    forward; the conditional forward alone when g == 1."""
-    guided = guidance_scale != 1
-    model_in = torch.cat([x, x]) if guided else x
-    context = torch.cat([prompt_embeds, negative_embeds]) if guided else prompt_embeds  # [B or 2B, L, D]
-    timestep = torch.full((model_in.shape[0],), t, device=x.device)  # made on the device: no host sync
-    with autocast(x.device):
-        v = model(model_in, timestep, context, return_dict=False)[0].float()
-    if guided:
-        cond, uncond = v.chunk(2)
-        v = uncond + guidance_scale * (cond - uncond)
-    return v
+def guided_velocity(model, x, timestep, prompt_embeds, negative_embeds, guidance_scale, cfg_forward):
+    """v = uncond + g * (cond - uncond) [B, C, F, H, W] fp32 at one timestep. cfg_forward "batched": cond and
+    uncond as one forward of batch 2B; "separate": two forwards of batch B (half the activation memory). The
+    two agree to rounding (method.teacher_cfg_forward)."""
+
+    def velocity(x_in, context):
+        t = torch.full((x_in.shape[0],), timestep, device=x.device)
+        with autocast(x.device):
+            return model(x_in, t, context, return_dict=False)[0].float()
+
+    if guidance_scale == 1:
+        return velocity(x, prompt_embeds)
+    if cfg_forward == "batched":
+        cond, uncond = velocity(torch.cat([x, x]), torch.cat([prompt_embeds, negative_embeds])).chunk(2)
+    else:
+        cond, uncond = velocity(x, prompt_embeds), velocity(x, negative_embeds)
+    return uncond + guidance_scale * (cond - uncond)
 
 
 @torch.no_grad()
@@ -134,9 +139,11 @@ def teacher_k_step(cfg, samples, negative_embeds, sigmas, device):
     its expert switch).
 
     samples: {index: (initial state [1, C, F, H, W], prompt embeddings [1, L, D])}; negative_embeds [1, L, D];
-    sigmas [K] the student's matched sigmas. The teacher is loaded for the call and freed after it.
+    sigmas [K] the student's matched sigmas; CFG runs as method.teacher_cfg_forward says. The teacher is loaded
+    for the call and freed after it.
     """
     model, low_noise = load_teacher(cfg, device)
-    g = cfg.method.teacher_guidance_scale
-    return {index: teacher_rollout(model, noise, embeds, negative_embeds, sigmas, g, [], low_noise)[0, -1]
+    m = cfg.method
+    return {index: teacher_rollout(model, noise, embeds, negative_embeds, sigmas, m.teacher_guidance_scale, [],
+                                   low_noise, m.teacher_cfg_forward)[0, -1]
             for index, (noise, embeds) in samples.items()}

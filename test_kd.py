@@ -123,7 +123,7 @@ def test_the_modules_import_one_another_without_a_cycle():
 
     for name in sorted(graph):
         visit(name, [])
-    scaffolding = {"test_kd", "faults", "bench", "bench_gpu", "processes"}
+    scaffolding = {"test_kd", "faults", "bench", "bench_gpu", "gpu_check", "processes"}
     product = set(graph) - scaffolding - {"tiny_demo"}
     assert all(not (graph[name] & scaffolding) for name in product)
     # entry points
@@ -1494,7 +1494,7 @@ def test_export_refuses_an_existing_output_and_bad_checkpoints_with_clear_errors
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Performance: the GPU benchmark's smoke size and its FLOP model
+# Performance: the GPU benchmark's FLOP model (its smoke size runs in the GPU check's test, below)
 
 
 @pytest.mark.parametrize("frames_per_block", [None, 3], ids=["bidirectional", "block_causal"])
@@ -1516,25 +1516,6 @@ def test_wan_flop_formula_equals_torch_flop_counter(frames_per_block):
               return_dict=False)
     assert counter.get_total_flops() == bench_gpu.wan_forward_flops(config, latents, text_tokens, 2,
                                                                     frames_per_block)
-
-
-def test_bench_gpu_smoke_prints_the_table_and_writes_the_documented_json(tmp_path):
-    import bench_gpu
-
-    proc = run_script("bench_gpu.py", "--smoke", "--out", tmp_path / "bench.json")
-    result = json.loads((tmp_path / "bench.json").read_text())
-    assert set(result) == {"size", "device", "torch", "text_tokens", "matmul_ceiling_tflops_per_s", "results"}
-    names = [row["name"] for row in result["results"]]
-    assert names == ["teacher smoke step, CFG batch 2"] + [
-        f"student smoke KD step, {a}, checkpointing {c}" for a in ("bidirectional", "block-causal")
-        for c in ("off", "on")]
-    for row in result["results"]:
-        assert row["status"] == "ok" and row["seconds"] > 0 and 0 < row["mfu"] < 1, row
-        assert row["name"] in proc.stdout
-        causal = "block-causal" in row["name"]
-        batch, factor = (2, 1) if row["name"].startswith("teacher") else (1, 3)
-        assert row["flops"] == factor * bench_gpu.wan_forward_flops(bench_gpu.SMOKE, row["latents"], 16,
-                                                                    batch, 3 if causal else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1806,3 +1787,143 @@ def test_the_shipped_pairs_config_is_the_self_forcing_grid_with_nothing_left_to_
     cfg = config.load_config(REPO / "configs" / "wan_pairs.yaml")
     assert lmdb_pairs.import_config_problems(cfg, lmdb_pairs.PRESETS["self_forcing"]) == []
     assert flow_matching.teacher_grid(cfg).positions == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ready for the machines it is meant for: CFG forwards, multi-node launches, the one-command GPU check
+
+
+def test_separate_cfg_forwards_are_two_plain_forwards_and_agree_with_the_batched_one_to_rounding(
+        tiny_teacher):
+    noise, cond, uncond = random_inputs(2)
+    sigmas, g = flow_matching.shifted_sigmas(6, 5.0), 4.0
+    separate = teacher.teacher_rollout(tiny_teacher, noise, cond, uncond, sigmas, g, [0, 3],
+                                      cfg_forward="separate")
+    x, kept, sig = noise, [], [*sigmas.tolist(), 0.0]
+    with torch.no_grad():
+        for i in range(len(sigmas)):
+            if i in (0, 3):
+                kept.append(x)
+            t = torch.tensor([sig[i] * 1000])
+            v_c = tiny_teacher(x, t, cond, return_dict=False)[0]
+            v_u = tiny_teacher(x, t, uncond, return_dict=False)[0]
+            x = flow_matching.euler_step(x, v_u + g * (v_c - v_u), sig[i], sig[i + 1])
+    assert torch.equal(separate, torch.stack([*kept, x], dim=1))
+    batched = teacher.teacher_rollout(tiny_teacher, noise, cond, uncond, sigmas, g, [0, 3],
+                                      cfg_forward="batched")
+    assert 0 < (batched - separate).abs().max() < 1e-4  # a different summation order, nothing more
+
+
+def test_a_cache_completed_with_separate_cfg_forwards_is_accepted_and_equal_within_bf16(tmp_path,
+                                                                                       reference_cache):
+    import gpu_check
+
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    for i in (1, 4):
+        Path(cache_format.sample_path(cache, i)).unlink()
+    written = generate_cache.generate_cache(tiny_config(cache, "data.num_samples=6",
+                                                        "method.teacher_cfg_forward=separate"))
+    assert written == 2  # the fingerprint does not hold the CFG forward: the cache is not stale
+    difference = gpu_check.cache_difference(cache, reference_cache)
+    assert 0 < difference < 2**-8  # at most bf16 rounding apart
+    with pytest.raises(errors.ConfigError, match="teacher_cfg_forward must be 'batched' or 'separate'"):
+        tiny_config(tmp_path, "method.teacher_cfg_forward=both")
+
+
+def test_a_node_that_fails_ends_its_peers_instead_of_leaving_them_waiting_for_the_rendezvous():
+    sleeper, failing = [sys.executable, "-c", "import time; time.sleep(60)"], [sys.executable, "-c", "exit(3)"]
+    nodes = processes.run_together([sleeper, failing], timeout=50)
+    assert [node.returncode for node in nodes] == [-signal.SIGKILL, 3]
+    with pytest.raises(TimeoutError, match="ran past 1 s"):
+        processes.run_together([sleeper], timeout=1)
+
+
+def test_two_torchrun_nodes_write_the_single_process_cache(tmp_path, reference_cache):
+    cache = tmp_path / "cache"
+    args = [TINY, *tiny_overrides(cache, "data.num_samples=6")]
+    nodes = processes.run_together(processes.node_commands("generate_cache.py", args, 2, "static"))
+    assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-2000:] for node in nodes]
+    assert "complete: 6 samples written" in nodes[0].stdout and "on 2 rank(s)" in nodes[0].stdout
+    assert_same_cache(cache, reference_cache)
+
+
+def test_two_torchrun_nodes_train_exactly_as_two_ranks_on_one_node(tmp_path, kd_cache, uninterrupted_run):
+    out = tmp_path / "run"
+    args = [TINY, *train_overrides(kd_cache, out)]
+    nodes = processes.run_together(processes.node_commands("kd.py", args, 2, "c10d"))
+    assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-2000:] for node in nodes]
+    reference = uninterrupted_run[0]
+    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
+    assert read_jsonl(out / "eval.jsonl") == read_jsonl(reference / "eval.jsonl")
+
+
+def test_the_gpu_check_at_smoke_size_runs_every_stage_and_writes_one_documented_table(tmp_path):
+    import bench_gpu
+
+    proc = run_script("gpu_check.py", "--smoke", "--out", tmp_path / "check.json")
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert set(result) == {"check", "device", "torch", "passed", "rows", "bench", "cfg_forward"}
+    assert result["check"] == "smoke" and result["device"] == "CPU" and result["passed"], proc.stdout
+    bench_names = ["teacher smoke step, CFG batch 2", "teacher smoke step, CFG 2 x batch 1"] + [
+        f"student smoke KD step, {a}, checkpointing {c}" for a in ("bidirectional", "block-causal")
+        for c in ("off", "on")]
+    assert [row["stage"] for row in result["rows"]] == [
+        "generate_cache.py on cpu", "cpu cache = CPU cache within bf16", "kd.py, 30 steps: losses fall",
+        "kd_causal.py, 30 steps: losses fall", "export.py --verify", "KD step: no host sync",
+        "bench_gpu.py --smoke", *[f"bench: {name}" for name in bench_names]]
+    for row in result["rows"]:
+        assert set(row) == {"stage", "status", "seconds", "tflops_per_s", "mfu", "peak_memory_gib", "detail"}
+        assert row["status"] == "pass" and row["seconds"] > 0 and f"| {row['stage']}" in proc.stdout, row
+    details = {row["stage"]: row["detail"] for row in result["rows"]}
+    assert details["KD step: no host sync"] == "3 value reads in 3 steps, all of CPU tensors"
+    assert details["export.py --verify"].startswith("verified: ")
+    # bench_gpu.py's own JSON, embedded
+    bench = result["bench"]
+    assert set(bench) == {"size", "device", "torch", "text_tokens", "matmul_ceiling_tflops_per_s", "results",
+                          "cfg_batched_over_separate"}
+    assert [row["name"] for row in bench["results"]] == bench_names
+    for row in bench["results"]:
+        assert row["status"] == "ok" and row["seconds"] > 0 and 0 < row["mfu"] < 1, row
+        causal = "block-causal" in row["name"]
+        batch, factor = (2, 1) if row["name"].startswith("teacher") else (1, 3)
+        assert row["flops"] == factor * bench_gpu.wan_forward_flops(bench_gpu.SMOKE, row["latents"], 16,
+                                                                    batch, 3 if causal else None)
+    teacher_seconds = [row["seconds"] for row in bench["results"][:2]]
+    assert bench["cfg_batched_over_separate"] == teacher_seconds[0] / teacher_seconds[1]
+    assert result["cfg_forward"] == {"batched_over_separate": bench["cfg_batched_over_separate"],
+                                     "faster": "batched" if teacher_seconds[0] <= teacher_seconds[1]
+                                     else "separate"}
+    assert "method.teacher_cfg_forward=" in proc.stdout.splitlines()[-1]
+
+
+def test_a_failing_gpu_check_stage_is_a_fail_row_with_its_reason_and_the_next_stage_still_runs():
+    import gpu_check
+
+    report = gpu_check.Report()
+    assert not report.stage("broken", lambda: torch.zeros(2) @ torch.zeros(3))
+    assert not report.stage("check not met", lambda: gpu_check.losses_fall("/nonexistent"))
+    assert report.stage("next", lambda: "fine")
+    assert [(row["stage"], row["status"]) for row in report.rows] == [
+        ("broken", "FAIL"), ("check not met", "FAIL"), ("next", "pass")]
+    assert report.rows[0]["detail"].startswith("RuntimeError: ") and "\n" not in report.rows[0]["detail"]
+    assert report.rows[1]["detail"].startswith("FileNotFoundError: ")
+
+
+def test_checking_the_weights_before_a_checkpoint_reads_one_value_back_not_one_per_parameter():
+    import checkpoints
+    import gpu_check
+
+    rank, world_size, device = distributed.init_distributed()
+    try:
+        student = models.load_transformer(str(REPO / "tiny_models" / "wan-tiny-student"), device)
+        model = kd.shard_student(student, "full", 3, False, device)
+        reads = gpu_check.ScalarReads()
+        with reads:
+            assert checkpoints.weights_are_finite(model, device)
+        assert reads.counts == {"cpu": 1} and len(list(model.parameters())) > 20
+        with torch.no_grad():
+            model.blocks[1].ffn.net[2].weight.to_local()[0, 0] = float("nan")
+        assert not checkpoints.weights_are_finite(model, device)
+    finally:
+        distributed.shutdown_distributed()
