@@ -9,8 +9,9 @@ Every stage runs even when an earlier one failed; its row then says why, and the
      then export.py --verify (one CPU process). The device's cache must equal a CPU cache of the same config
      (written with CUDA hidden) within bf16 (CACHE_TOLERANCE), and the losses must fall. Without CUDA the
      device's cache is the CPU cache, compared with itself.
-  2. KD training steps read nothing back to the host but each micro-batch's uniform flag (computed on its CPU
-     step indices); on CUDA the steps also run under torch.cuda.set_sync_debug_mode("error").
+  2. KD training steps read nothing back to the host but each micro-batch's uniform flag and count of noisy
+     frames (both computed on its CPU step indices); on CUDA the steps also run under
+     torch.cuda.set_sync_debug_mode("error").
   3. bench_gpu.py at real size (--smoke: its smoke size): the 14B teacher step with CFG batched and as two
      forwards, the 1.3B student KD steps; seconds, TFLOP/s, MFU and peak memory per row; the faster CFG way.
 
@@ -47,6 +48,7 @@ SIZES = {"gpu": (8, 40, [], 150, 420), "smoke": (6, 30, ["--smoke"], 300, 300)}
 CACHE_TOLERANCE = 0.05  # max relative RMS distance of a device cache tensor from the CPU cache's (bf16)
 LOSS_FALL = 0.8  # the last third of the logged losses must average below this fraction of the first third
 SYNC_STEPS = 3  # training steps watched for host reads
+CPU_READS_PER_STEP = 2  # a one-micro-batch step's uniform flag and noisy-frame count, of its CPU step indices
 
 
 class StageFailed(Exception):
@@ -171,14 +173,16 @@ def host_reads_per_step(cache_dir, samples, out_dir):
 
 
 def host_reads_check(cache_dir, samples, out_dir):
-    """The detail line when the training steps read back only their uniform flags (StageFailed otherwise)."""
+    """The detail line when the training steps read back only the values of their CPU step indices (StageFailed
+    otherwise)."""
     reads = host_reads_per_step(cache_dir, samples, out_dir)
     on_cpu, elsewhere = reads.get("cpu", 0), {k: v for k, v in reads.items() if k != "cpu"}
     sync_mode = "; no synchronising op under CUDA's sync debug mode" if torch.cuda.is_available() else ""
     detail = f"{on_cpu} value reads in {SYNC_STEPS} steps, all of CPU tensors{sync_mode}"
-    if elsewhere or on_cpu != SYNC_STEPS:
-        raise StageFailed(f"host reads in {SYNC_STEPS} training steps: {reads} (expected {SYNC_STEPS} on "
-                          "cpu: each step's uniform flag)")
+    if elsewhere or on_cpu != SYNC_STEPS * CPU_READS_PER_STEP:
+        raise StageFailed(f"host reads in {SYNC_STEPS} training steps: {reads} (expected "
+                          f"{SYNC_STEPS * CPU_READS_PER_STEP} on cpu: each step's uniform flag and noisy-frame "
+                          "count)")
     return detail
 
 

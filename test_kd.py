@@ -1876,7 +1876,7 @@ def test_the_gpu_check_at_smoke_size_runs_every_stage_and_writes_one_documented_
         assert set(row) == {"stage", "status", "seconds", "tflops_per_s", "mfu", "peak_memory_gib", "detail"}
         assert row["status"] == "pass" and row["seconds"] > 0 and f"| {row['stage']}" in proc.stdout, row
     details = {row["stage"]: row["detail"] for row in result["rows"]}
-    assert details["KD step: no host sync"] == "3 value reads in 3 steps, all of CPU tensors"
+    assert details["KD step: no host sync"] == "6 value reads in 3 steps, all of CPU tensors"
     assert details["export.py --verify"].startswith("verified: ")
     # bench_gpu.py's own JSON, embedded
     bench = result["bench"]
