@@ -2,6 +2,7 @@
 
     python tiny_demo.py                         # builds tiny_models/wan-tiny-demo-teacher and -student
     python tiny_demo.py --out DIR               # elsewhere
+    python tiny_demo.py --detect cache/tiny     # what the teacher draws: prompted colour, shape, direction
 
 configs/tiny.yaml uses these models, and the scripts' entry points build them on first use
 (build_missing_models), so the README's tiny command needs no separate step. The random tiny models of the
@@ -28,12 +29,14 @@ scripts and export.py expect. The build is deterministic given the seed on a giv
 
 import argparse
 import fcntl
+import json
 import os
 import shutil
 import sys
 import time
 
 import torch
+from safetensors import safe_open
 
 from flow_matching import NUM_TRAIN_TIMESTEPS, add_noise
 from teacher import encode_prompt, pad_embeds
@@ -51,6 +54,8 @@ SHAPES = {  # 3x3 latent cells
 # (row, column) per latent frame
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 BACKGROUND = -0.8  # dark grey, every channel
+FOREGROUND = 0.85  # detect: a cell is foreground when a channel is this far from the background
+MAX_MISMATCH = 1  # detect: cells a frame may miss its best shape placement by and still show the shape
 # configs/tiny.yaml's video; the Wan VAE's 8x spatial, 4x time
 NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 21, 64, 8, 4
 LATENT_FRAMES, GRID = (NUM_FRAMES - 1) // TIME_FACTOR + 1, SIZE // CELL  # 6, 8
@@ -253,28 +258,65 @@ def demo_videos(per_prompt=VIDEOS_PER_PROMPT, seed=0):
     return torch.stack([shape_video(p, s) for p, s in pairs]), [p for p, _ in pairs]
 
 
+def placements():
+    """(shape name, top-left cell) of every placement of every shape, and their cell masks [P, GRID, GRID]."""
+    names, masks = [], []
+    for shape, pattern in SHAPES.items():
+        for r in range(GRID - SHAPE_CELLS + 1):
+            for c in range(GRID - SHAPE_CELLS + 1):
+                mask = torch.zeros(GRID, GRID, dtype=torch.bool)
+                mask[r : r + SHAPE_CELLS, c : c + SHAPE_CELLS] = torch.tensor(pattern, dtype=torch.bool)
+                names.append((shape, (r, c)))
+                masks.append(mask)
+    return names, torch.stack(masks)
+
+
 def detect(video):
-    """(colour, direction) seen in a decoded video [3, F, H, W] in [-1, 1], or (None, None) when no shape
-    shows.
+    """(colour, shape, direction) seen in a decoded video [3, F, H, W] in [-1, 1]; None for each that does
+    not show.
 
-    The colour is the palette entry nearest the mean of the pixels that differ from the background; the
-    direction is the sign of the largest displacement of their centroid between the first and last frames."""
-    foreground = (video - BACKGROUND).abs().amax(0) > 0.4  # [F, H, W]
-    first, last = foreground[0], foreground[-1]
-    if foreground.sum() < CELL * CELL or not first.any() or not last.any():
-        return None, None
-    mean = video.permute(1, 2, 3, 0)[foreground].mean(0)  # [3]
+    Read per latent cell (the codec draws whole 8x8x4 blocks): a cell is foreground when a channel differs
+    from the background by more than FOREGROUND. Colour: the palette entry nearest the mean foreground cell.
+    Each latent frame is matched against every placement of every shape (foreground cells outside it count as
+    mismatches too); a frame shows the shape when its best placement misses at most MAX_MISMATCH cells.
+    Shape: the majority of the frames that show one. Direction: the larger component of the displacement of
+    the best placement from the first frame to the last, when both show the shape and it moved.
+    """
+    frames = video[:, [0, *range(TIME_FACTOR, video.shape[1], TIME_FACTOR)]]  # [3, LATENT_FRAMES, H, W]
+    cells = frames.unflatten(2, (GRID, CELL)).unflatten(4, (GRID, CELL)).mean(dim=(3, 5))  # [3, F', G, G]
+    foreground = (cells - BACKGROUND).abs().amax(0) > FOREGROUND  # [F', GRID, GRID]
+    if not foreground.any():
+        return None, None, None
+    mean = cells.permute(1, 2, 3, 0)[foreground].mean(0)  # [3]
     colour = min(COLOURS, key=lambda c: float((torch.tensor(COLOURS[c]) - mean).pow(2).sum()))
-    rows, cols = (torch.arange(SIZE, dtype=torch.float32)[:, None],
-                  torch.arange(SIZE, dtype=torch.float32)[None])
+    names, masks = placements()
+    mismatches = (foreground[:, None] != masks[None]).sum(dim=(2, 3))  # [F', P]
+    best = mismatches.argmin(1)  # [F']
+    shown = [names[p] if mismatches[k, p] <= MAX_MISMATCH else None for k, p in enumerate(best.tolist())]
+    votes = [s[0] for s in shown if s is not None]
+    first, second = sorted(SHAPES, key=votes.count, reverse=True)
+    shape = first if votes.count(first) > votes.count(second) else None  # no votes or a tie: none reads
+    direction = None
+    if shown[0] is not None and shown[-1] is not None:
+        dr, dc = (b - a for a, b in zip(shown[0][1], shown[-1][1]))
+        if (dr, dc) != (0, 0):
+            direction = ("down" if dr > 0 else "up") if abs(dr) > abs(dc) else ("right" if dc > 0 else "left")
+    return colour, shape, direction
 
-    def centroid(mask):
-        return (rows * mask).sum() / mask.sum(), (cols * mask).sum() / mask.sum()
 
-    (r0, c0), (r1, c1) = centroid(first.float()), centroid(last.float())
-    dr, dc = float(r1 - r0), float(c1 - c0)
-    direction = ("down" if dr > 0 else "up") if abs(dr) > abs(dc) else ("right" if dc > 0 else "left")
-    return colour, direction
+def detection_rates(cache_dir, vae_config):
+    """({colour, shape, direction: fraction of cached samples whose teacher x0 shows the prompt's}, count).
+
+    The x0 are decoded by codec_decode, the codec VAE's exact closed form (the VAE itself takes seconds per
+    video on a CPU)."""
+    names = sorted(n for n in os.listdir(os.path.join(cache_dir, "samples")) if n.endswith(".safetensors"))
+    hits = dict.fromkeys(("colour", "shape", "direction"), 0)
+    for name in names:
+        with safe_open(os.path.join(cache_dir, "samples", name), framework="pt") as f:
+            x0, prompt = f.get_slice("latents")[-1].float(), f.metadata()["prompt"]  # [C, F, H, W]
+        for key, wanted, seen in zip(hits, parse_prompt(prompt), detect(codec_decode(x0, vae_config))):
+            hits[key] += wanted == seen
+    return {key: n / len(names) for key, n in hits.items()}, len(names)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,6 +387,18 @@ def codec_vae(latents_mean=None, latents_std=None):
             dec.conv_out.weight[c, c, 2, 1, 1] = 1
         dec.conv_out.bias[:] = BACKGROUND - _OFFSET
     return vae
+
+
+def codec_decode(latents, vae_config):
+    """Video [3, F, H, W] of normalised latents [16, F', 8, 8]: what codec_vae's decoder computes, in closed
+    form (un-normalise with the config's latents_mean/std, map back through the embedding, repeat each cell).
+    """
+    mean = torch.tensor(vae_config["latents_mean"]).view(-1, 1, 1, 1)
+    std = torch.tensor(vae_config["latents_std"]).view(-1, 1, 1, 1)
+    latents = latents * std + mean  # [16, F', 8, 8]
+    cells = torch.einsum("cd,cfhw->dfhw", latent_embedding(), latents) + BACKGROUND  # [3, F', 8, 8]
+    frames = torch.cat([cells[:, :1], cells[:, 1:].repeat_interleave(TIME_FACTOR, 1)], dim=1)
+    return frames.repeat_interleave(CELL, 2).repeat_interleave(CELL, 3).clamp(-1, 1)
 
 
 def _linear_head(last_resnet, norm_out):
@@ -424,17 +478,19 @@ def log_line(text):
     print(text, file=sys.stderr, flush=True)  # stderr: the scripts' stdout is their own report
 
 
-def build(paths, log=log_line):
-    """Write each demo model {name: path} (DEMO_MODELS names) as a complete Wan diffusers directory."""
+def build(paths, log=log_line, steps=None):
+    """Write each demo model {name: path} (DEMO_MODELS names) as a complete Wan diffusers directory.
+
+    steps: pre-training steps instead of DEMO_MODELS' (the determinism test builds with a few)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same weights however it is started (torchrun's ranks run one thread each)
     try:
-        _build(paths, log)
+        _build(paths, log, steps)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(paths, log):
+def _build(paths, log, steps):
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     start = time.perf_counter()
@@ -460,9 +516,10 @@ def _build(paths, log):
                 out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=spec["ffn_dim"],
                 num_layers=spec["layers"], rope_max_seq_len=64,
             )
+            n = spec["steps"] if steps is None else steps
             log(f"pre-training {name} ({sum(p.numel() for p in trained[name].parameters())} parameters, "
-                f"{spec['steps']} steps of {BATCH_SIZE} videos)")
-            pretrain(trained[name], latents, embeds, spec["steps"], spec["seed"], log)
+                f"{n} steps of {BATCH_SIZE} videos)")
+            pretrain(trained[name], latents, embeds, n, spec["seed"], log)
         return trained[name]
 
     for name, path in paths.items():
@@ -487,8 +544,17 @@ def write_prompts(path, repeats=8, seed=0):
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="tiny_models", help="folder for the two model directories")
+    parser.add_argument("--detect", metavar="CACHE_DIR",
+                        help="instead: print how many cached teacher samples show the prompted colour, shape "
+                             "and direction (detect), decoded with the VAE config of the student in --out")
     args = parser.parse_args(argv)
     paths = [os.path.join(args.out, name) for name in DEMO_MODELS]
+    if args.detect:
+        with open(os.path.join(paths[-1], "vae", "config.json")) as f:
+            rates, count = detection_rates(args.detect, json.load(f))
+        print(f"{args.detect}: {count} samples; the teacher's x0 shows the prompted "
+              + ", ".join(f"{key} in {rate:.1%}" for key, rate in rates.items()) + " (chance: 25%, 50%, 25%)")
+        return
     if all(os.path.exists(path) for path in paths):
         print(f"{' and '.join(paths)} exist; delete them to rebuild")
     for path in paths:
