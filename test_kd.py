@@ -936,6 +936,7 @@ def test_the_codec_vae_round_trips_the_shape_world_exactly():
     vae = tiny_demo.codec_vae()
     latents = tiny_demo.encode(vae, videos)  # [3, 16, 6, 8, 8]
     assert latents.shape == (3, 16, 6, 8, 8)
+    assert (tiny_demo.codec_encode(videos) - latents).abs().max() < 1e-3  # the closed form the build uses
     with torch.no_grad():
         decoded = vae.decode(latents).sample
     assert (decoded - videos).abs().max() < 1e-3
@@ -988,7 +989,7 @@ def test_the_demo_run_writes_labelled_previews_of_teacher_and_student_rows(demo_
     out, proc = demo_run
     folder = out / "run" / "previews" / "step-200"
     # the first 2 held out
-    assert sorted(os.listdir(folder)) == ["sample-124.gif", "sample-124.png", "sample-125.gif", "sample-125.png"]
+    assert sorted(os.listdir(folder)) == [f"sample-{i}.{kind}" for i in (124, 125) for kind in ("gif", "png")]
     layout = previews.strip_layout(3, (64, 64), ROW_LABELS, previews.font(128))
     assert read_png(folder / "sample-124.png").shape == (layout.height, layout.width, 3)
     log = proc.stdout + proc.stderr
@@ -1012,7 +1013,8 @@ ROW_LABELS = ["teacher 48-step x0", "teacher 2-step", "student 2-step"]
 
 
 def rendered_rows(count):
-    """(videos [count, 3, F, H, W] drawn by the world's renderer, their codec VAE, normalised latents, prompts)."""
+    """(videos [count, 3, F, H, W] drawn by the world's renderer, their codec VAE, normalised latents,
+    prompts)."""
     videos, prompts = tiny_demo.demo_videos(per_prompt=1)
     vae, latents = tiny_demo.fitted_codec(videos[:count])  # normalised latents, as the cache holds them
     return videos[:count], vae, latents, prompts[:count]
@@ -1024,7 +1026,7 @@ def has_ink(region):
 
 
 def assert_tile(image, layout, row, column, frame):
-    """The tile at (row, column) of `image` is `frame` [3, H, W] upscaled by layout.scale, nearest neighbour."""
+    """The tile at (row, column) of `image` is `frame` [3, H, W] upscaled by layout.scale (nearest)."""
     expected = previews.to_uint8(frame).permute(1, 2, 0)
     expected = expected.repeat_interleave(layout.scale, 0).repeat_interleave(layout.scale, 1)
     y, x = layout.origin(row, column)
@@ -1070,9 +1072,12 @@ def test_the_preview_gif_shows_the_rows_side_by_side_under_their_labels_at_every
 
 
 def test_detect_reads_every_prompt_from_every_start_of_the_worlds_own_renderer():
-    seen = [(tiny_demo.detect(tiny_demo.shape_video(p, start)), tiny_demo.parse_prompt(p))
-            for p in tiny_demo.demo_prompts() for start in tiny_demo.start_cells(tiny_demo.parse_prompt(p)[2])]
-    assert len(seen) > 4 * len(tiny_demo.demo_prompts())
+    seen = []
+    for prompt in tiny_demo.demo_prompts():
+        starts = tiny_demo.start_cells(tiny_demo.parse_prompt(prompt)[2])
+        for start in starts[:: len(starts) // 3]:  # 3 or 4 starts across the frame
+            seen.append((tiny_demo.detect(tiny_demo.shape_video(prompt, start)), tiny_demo.parse_prompt(prompt)))
+    assert len(seen) >= 3 * len(tiny_demo.demo_prompts())
     assert all(found == wanted for found, wanted in seen)  # the oracle: 100%
 
 
@@ -1081,8 +1086,8 @@ def test_detect_reads_nothing_in_an_empty_video_and_no_direction_in_a_still_shap
     assert tiny_demo.detect(torch.full_like(video, tiny_demo.BACKGROUND)) == (None, None, None)
     still = video[:, :1].expand_as(video)
     assert tiny_demo.detect(still) == ("blue", "cross", None)
-    speckle = video + 2 * (torch.rand(video.shape, generator=torch.Generator().manual_seed(0)) > 0.97)
-    assert tiny_demo.detect(speckle.clamp(-1, 1))[1:] == (None, None)  # scattered foreground: no shape reads
+    two = torch.maximum(video, tiny_demo.shape_video("a blue square moving up", (4, 5)))
+    assert tiny_demo.detect(two) == ("blue", None, "up")  # two shapes at once: no shape reads
 
 
 def test_the_codec_closed_form_decode_equals_the_codec_vae(tmp_path):

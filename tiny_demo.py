@@ -29,6 +29,7 @@ scripts and export.py expect. The build is deterministic given the seed on a giv
 
 import argparse
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -55,7 +56,8 @@ SHAPES = {  # 3x3 latent cells
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 BACKGROUND = -0.8  # dark grey, every channel
 FOREGROUND = 0.85  # detect: a cell is foreground when a channel is this far from the background
-MAX_MISMATCH = 1  # detect: cells a frame may miss its best shape placement by and still show the shape
+MAX_MISMATCH = 2  # detect: cells (of 64) a frame's best shape placement may miss for the frame to show it
+MIN_TRAVEL = 1.0  # detect: cells the shape must move from the first latent frame to the last (the world: 2)
 # configs/tiny.yaml's video; the Wan VAE's 8x spatial, 4x time
 NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 21, 64, 8, 4
 LATENT_FRAMES, GRID = (NUM_FRAMES - 1) // TIME_FACTOR + 1, SIZE // CELL  # 6, 8
@@ -65,7 +67,7 @@ VIDEOS_PER_PROMPT = 2  # start cells per prompt in the pre-training set (of 24 t
 
 TEXT_SEED = 3  # text encoder and the codec's embedding: shared by teacher and student
 DEMO_MODELS = {  # transformer size and pre-training of each demo model, or the model whose weights it copies
-    "wan-tiny-demo-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=11, steps=2500),
+    "wan-tiny-demo-teacher": dict(layers=4, heads=4, head_dim=16, ffn_dim=128, seed=11, steps=3000),
     "wan-tiny-demo-student": dict(copy_of="wan-tiny-demo-teacher"),
 }
 # fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
@@ -258,17 +260,23 @@ def demo_videos(per_prompt=VIDEOS_PER_PROMPT, seed=0):
     return torch.stack([shape_video(p, s) for p, s in pairs]), [p for p, _ in pairs]
 
 
+@functools.cache
 def placements():
-    """(shape name, top-left cell) of every placement of every shape, and their cell masks [P, GRID, GRID]."""
-    names, masks = [], []
-    for shape, pattern in SHAPES.items():
-        for r in range(GRID - SHAPE_CELLS + 1):
-            for c in range(GRID - SHAPE_CELLS + 1):
-                mask = torch.zeros(GRID, GRID, dtype=torch.bool)
-                mask[r : r + SHAPE_CELLS, c : c + SHAPE_CELLS] = torch.tensor(pattern, dtype=torch.bool)
-                names.append((shape, (r, c)))
-                masks.append(mask)
-    return names, torch.stack(masks)
+    """[len(SHAPES), P, GRID, GRID] bool: each shape at each of its P top-left cells inside the frame."""
+    last = GRID - SHAPE_CELLS
+    masks = torch.zeros(len(SHAPES), last + 1, last + 1, GRID, GRID, dtype=torch.bool)
+    for s, pattern in enumerate(SHAPES.values()):
+        pattern = torch.tensor(pattern, dtype=torch.bool)
+        for r in range(last + 1):
+            for c in range(last + 1):
+                masks[s, r, c, r : r + SHAPE_CELLS, c : c + SHAPE_CELLS] = pattern
+    return masks.flatten(1, 2)
+
+
+def centroid(mask):
+    """(row, column) [2] of the mean of a mask's cells [GRID, GRID]."""
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    return torch.stack([rows.float().mean(), cols.float().mean()])
 
 
 def detect(video):
@@ -277,10 +285,10 @@ def detect(video):
 
     Read per latent cell (the codec draws whole 8x8x4 blocks): a cell is foreground when a channel differs
     from the background by more than FOREGROUND. Colour: the palette entry nearest the mean foreground cell.
-    Each latent frame is matched against every placement of every shape (foreground cells outside it count as
-    mismatches too); a frame shows the shape when its best placement misses at most MAX_MISMATCH cells.
-    Shape: the majority of the frames that show one. Direction: the larger component of the displacement of
-    the best placement from the first frame to the last, when both show the shape and it moved.
+    Shape: each latent frame votes for the shape whose best placement misses fewer cells (foreground outside
+    it counts as a miss too), if it misses at most MAX_MISMATCH; the majority of the votes. Direction: the
+    larger component of the foreground centroid's displacement from the first latent frame to the last, if it
+    is at least MIN_TRAVEL cells.
     """
     frames = video[:, [0, *range(TIME_FACTOR, video.shape[1], TIME_FACTOR)]]  # [3, LATENT_FRAMES, H, W]
     cells = frames.unflatten(2, (GRID, CELL)).unflatten(4, (GRID, CELL)).mean(dim=(3, 5))  # [3, F', G, G]
@@ -289,17 +297,14 @@ def detect(video):
         return None, None, None
     mean = cells.permute(1, 2, 3, 0)[foreground].mean(0)  # [3]
     colour = min(COLOURS, key=lambda c: float((torch.tensor(COLOURS[c]) - mean).pow(2).sum()))
-    names, masks = placements()
-    mismatches = (foreground[:, None] != masks[None]).sum(dim=(2, 3))  # [F', P]
-    best = mismatches.argmin(1)  # [F']
-    shown = [names[p] if mismatches[k, p] <= MAX_MISMATCH else None for k, p in enumerate(best.tolist())]
-    votes = [s[0] for s in shown if s is not None]
+    misses = (foreground[:, None, None] != placements()[None]).sum(dim=(3, 4)).amin(2)  # [F', len(SHAPES)]
+    votes = [list(SHAPES)[int(m.argmin())] for m in misses if m.min() <= MAX_MISMATCH and m.min() < m.max()]
     first, second = sorted(SHAPES, key=votes.count, reverse=True)
     shape = first if votes.count(first) > votes.count(second) else None  # no votes or a tie: none reads
     direction = None
-    if shown[0] is not None and shown[-1] is not None:
-        dr, dc = (b - a for a, b in zip(shown[0][1], shown[-1][1]))
-        if (dr, dc) != (0, 0):
+    if foreground[0].any() and foreground[-1].any():
+        dr, dc = (centroid(foreground[-1]) - centroid(foreground[0])).tolist()
+        if max(abs(dr), abs(dc)) >= MIN_TRAVEL:
             direction = ("down" if dr > 0 else "up") if abs(dr) > abs(dc) else ("right" if dc > 0 else "left")
     return colour, shape, direction
 
@@ -422,10 +427,19 @@ def latent_stats(vae):
     return mean, 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
 
 
+def codec_encode(videos):
+    """Latents [N, 16, 6, 8, 8] of videos [N, 3, F, H, W]: what codec_vae's encoder computes (before Wan's
+    normalisation), in closed form: each 8x8-pixel block's mean over its frames, minus the background,
+    embedded."""
+    frames = torch.cat([videos[:, :, :1], videos[:, :, 1:].unflatten(2, (-1, TIME_FACTOR)).mean(3)], dim=2)
+    cells = frames.unflatten(3, (GRID, CELL)).unflatten(5, (GRID, CELL)).mean(dim=(4, 6))  # [N, 3, 6, 8, 8]
+    return torch.einsum("cd,ndfhw->ncfhw", latent_embedding(), cells - BACKGROUND)
+
+
 def fitted_codec(videos):
     """(codec_vae with latents_mean/std fitted to the encoded `videos`, their normalised latents [N, 16, 6, 8,
-    8])."""
-    latents = encode(codec_vae(), videos)
+    8]). The latents come from codec_encode, the encoder's closed form (the VAE takes seconds per video)."""
+    latents = codec_encode(videos)
     mean = [round(float(m), 6) for m in latents.mean(dim=(0, 2, 3, 4))]
     std = [round(float(s), 6) for s in latents.std(dim=(0, 2, 3, 4))]
     vae = codec_vae(mean, std)
@@ -501,7 +515,7 @@ def _build(paths, log, steps):
     vae, latents = fitted_codec(videos)
     table = prompt_embeddings(text_encoder, tokenizer, demo_prompts() + [NEGATIVE_PROMPT])
     embeds = {"cond": torch.stack([table[p] for p in prompts]), "uncond": table[NEGATIVE_PROMPT]}
-    log(f"tiny demo: {len(videos)} videos of moving shapes encoded by the codec VAE in "
+    log(f"tiny demo: {len(videos)} videos of moving shapes encoded for the codec VAE in "
         f"{time.perf_counter() - start:.0f} s")
     trained = {}
 
