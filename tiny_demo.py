@@ -16,12 +16,17 @@ tests and bench.py (RANDOM_MODELS) are built the same way. What the demo builds:
   VAE does) and embed its RGB, minus the background, in the 16 latent channels through a fixed orthonormal
   16x3 matrix; the decoder maps back and repeats each cell over its pixels and frames. On this world it is
   exact: decode(encode(v)) equals v. Its `latents_mean`/`latents_std` are the encoded dataset's per-channel
-  statistics, used as Wan's are.
+  statistics, used as Wan's are. codec_encode/codec_decode are its closed form (the build and the detection
+  rates use them: the VAE itself takes seconds per video on a CPU).
 - A seeded flow-matching pre-training (Wan's parameterisation: x_t = (1-s)x0 + s*eps, target v = eps - x0,
   uniform s) of the teacher transformer on the normalised latents, with 10% of prompts replaced by the
-  empty prompt so classifier-free guidance has an unconditional model. The student starts from the teacher's
-  weights, as Self-Forcing's ODE initialisation starts its 1.3B student from the 1.3B model that made the
-  trajectories; distillation teaches it the teacher's guided 48-step result in a few unguided steps.
+  empty prompt so classifier-free guidance has an unconditional model. The student is a copy of the
+  teacher's weights, not a smaller model: Self-Forcing's ODE initialisation (CausVid's process) regresses
+  Wan2.1-T2V-1.3B's trajectories into a student that starts from that model, and the demo then shows
+  distillation alone, the same network taught the teacher's guided 48-step result in a few unguided steps.
+
+detect(video) reads the colour, shape and direction a decoded video shows; `--detect CACHE` prints how often
+the cached teacher samples show the prompted ones (docs/tiny_demo.md has the figures).
 
 Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD
 scripts and export.py expect. The build is deterministic given the seed on a given machine and thread count.
@@ -67,7 +72,7 @@ VIDEOS_PER_PROMPT = 2  # start cells per prompt in the pre-training set (of 24 t
 
 TEXT_SEED = 3  # text encoder and the codec's embedding: shared by teacher and student
 DEMO_MODELS = {  # transformer size and pre-training of each demo model, or the model whose weights it copies
-    "wan-tiny-demo-teacher": dict(layers=4, heads=4, head_dim=16, ffn_dim=128, seed=11, steps=3000),
+    "wan-tiny-demo-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=11, steps=2500),
     "wan-tiny-demo-student": dict(copy_of="wan-tiny-demo-teacher"),
 }
 # fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
