@@ -1056,6 +1056,7 @@ def test_the_preview_strip_is_a_captioned_grid_of_labelled_rows_of_upscaled_fram
 
 
 def test_the_preview_gif_shows_the_rows_side_by_side_under_their_labels_at_every_frame(tmp_path):
+    import numpy as np
     from PIL import Image
 
     videos, vae, latents, prompts = rendered_rows(3)
@@ -1065,7 +1066,7 @@ def test_the_preview_gif_shows_the_rows_side_by_side_under_their_labels_at_every
         assert gif.n_frames == 21 and gif.size == (layout.width, layout.height) and gif.info["loop"] == 0
         for f in range(gif.n_frames):
             gif.seek(f)
-            image = torch.from_numpy(__import__("numpy").array(gif.convert("RGB")))
+            image = torch.from_numpy(np.array(gif.convert("RGB")))  # [H, W, 3] uint8
             for column in range(3):
                 assert_tile(image, layout, 0, column, videos[column][:, f])
             assert has_ink(image[: layout.top])  # the caption and the labels
