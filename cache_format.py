@@ -170,6 +170,19 @@ def read_negative_embeds(cache_dir):
                          f"{REGENERATE_HINT}") from None
 
 
+def read_prompt(cache_dir, index):
+    """The prompt of cached sample `index`, from its checksummed metadata (CacheError naming the file)."""
+    path = sample_path(cache_dir, index)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return verified_metadata(f.metadata() or {}, path)["prompt"]
+    except CacheError:
+        raise
+    except Exception as e:  # safetensors raises several types for truncated or garbled files
+        raise CacheError(f"cannot read cache file {path}: {type(e).__name__}: {one_line(e)}; "
+                         f"{REGENERATE_HINT}") from None
+
+
 def negative_embeds_problem(cache_dir):
     """Why the negative prompt's embeddings file is unusable, or None."""
     try:

@@ -34,8 +34,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from atomic_files import make_dirs, write_json_atomic, write_lines
-from cache_format import (REGENERATE_HINT, open_cache, read_negative_embeds, sample_path, verified_metadata,
-                          verified_tensor)
+from cache_format import (REGENERATE_HINT, open_cache, read_negative_embeds, read_prompt, sample_path,
+                          verified_metadata, verified_tensor)
 from checkpoints import checkpoint_to_resume, has_ema, load_checkpoint, save_checkpoint
 from config import check_paths, config_from_argv, plain
 from distributed import barrier, free_device_memory, init_distributed, shutdown_distributed
@@ -425,7 +425,7 @@ class KDTrainer:
 
     @torch.no_grad()
     def write_eval_previews(self):
-        """output_dir/previews/step-N/: teacher 48-step | teacher K-step | student K-step (| streaming), decoded.
+        """output_dir/previews/step-N/: teacher 48-step | teacher K-step | student K-step (| streaming), labelled.
 
         Every rank runs the student's rollouts (the FSDP forward is collective); rank 0 decodes and writes.
         """
@@ -445,7 +445,8 @@ class KDTrainer:
                   *([f"teacher {K}-step"] if self.teacher_k_step else []), f"student {K}-step",
                   *([f"student {K}-step streaming"] if self.streaming else [])]
         folder = os.path.join(self.cfg.training.output_dir, "previews", f"step-{self.step}")
-        write_previews(folder, self.vae, samples, labels)
+        prompts = {i: read_prompt(self.cfg.method.teacher_path_cache, i) for i in self.preview_indices}
+        write_previews(folder, self.vae, samples, labels, prompts)
         self.log(f"previews ({' | '.join(labels)}) written to {folder}")
 
     def run_eval(self):

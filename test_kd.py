@@ -1269,26 +1269,10 @@ def test_the_codec_vae_round_trips_the_shape_world_exactly():
     vae = tiny_demo.codec_vae()
     latents = tiny_demo.encode(vae, videos)  # [3, 16, 6, 8, 8]
     assert latents.shape == (3, 16, 6, 8, 8)
+    assert (tiny_demo.codec_encode(videos) - latents).abs().max() < 1e-3  # the closed form the build uses
     with torch.no_grad():
         decoded = vae.decode(latents).sample
     assert (decoded - videos).abs().max() < 1e-3
-
-
-def test_preview_strips_show_each_row_decoded_at_evenly_spaced_frames(tmp_path):
-    import tiny_demo
-
-    videos, prompts = tiny_demo.demo_videos(per_prompt=1)
-    vae, latents = tiny_demo.fitted_codec(videos[:3])  # normalised latents, as the cache holds them
-    previews.write_previews(tmp_path, vae, [(7, list(latents))], ["first", "second", "third"])
-    image = read_png(tmp_path / "sample-7.png")
-    assert image.shape == (3 * 64, previews.PREVIEW_FRAMES * 64, 3)
-    for row in range(3):
-        for column, frame in enumerate([0, 5, 10, 15, 20]):
-            tile = image[row * 64 : (row + 1) * 64, column * 64 : (column + 1) * 64]  # [H, W, 3]
-            expected = previews.to_uint8(videos[row][:, frame]).permute(1, 2, 0)
-            assert (tile.int() - expected.int()).abs().max() <= 1, (row, frame)
-    assert "first | second | third" in (tmp_path / "rows.txt").read_text()
-    assert not (tmp_path / "sample-7.mp4").exists() or previews.mp4_writer() is not None
 
 
 def test_a_model_dir_without_a_vae_has_none_and_bad_preview_options_are_errors_naming_the_field(tmp_path):
@@ -1325,28 +1309,22 @@ def test_the_committed_demo_prompts_are_every_colour_shape_and_direction_eight_t
     assert len(tiny_demo.demo_prompts()) == 4 * 2 * 4
 
 
-def test_the_pretrained_demo_teacher_draws_the_prompted_colour(demo_run):
-    import tiny_demo
-
+def test_the_pretrained_demo_teacher_draws_the_prompted_colour_and_shape(demo_run):
     out, _ = demo_run
-    vae = models.load_vae(str(DEMO_STUDENT), torch.device("cpu"))
-    hits = 0
-    names = sorted(os.listdir(out / "cache" / "samples"))
-    for name in names:  # the cache holds the teacher's 48-step x0 (CFG 3) of each prompt
-        tensors, meta = read_sample(out / "cache" / "samples" / name)
-        colour, _ = tiny_demo.detect(previews.decode_latents(vae, tensors["latents"][-1].float()))
-        hits += colour == tiny_demo.parse_prompt(meta["prompt"])[0]
-    assert len(names) == 128
-    assert hits / len(names) >= 0.8  # chance: 1 in 4
+    # the cache holds the teacher's 48-step x0 (CFG 3) of each prompt; chance: 1/4 and at most 1/2
+    vae_config = models.load_vae(str(DEMO_STUDENT), torch.device("cpu")).config
+    rates, count = tiny_demo.detection_rates(out / "cache", vae_config)
+    assert count == 128
+    assert rates["colour"] >= 0.9 and rates["shape"] >= 0.65, rates  # the direction: not learned (docs)
 
 
-def test_the_demo_run_writes_previews_of_teacher_and_student_rows(demo_run):
+def test_the_demo_run_writes_labelled_previews_of_teacher_and_student_rows(demo_run):
     out, proc = demo_run
     folder = out / "run" / "previews" / "step-200"
     # the first 2 held out
-    assert sorted(os.listdir(folder)) == ["rows.txt", "sample-124.png", "sample-125.png"]
-    assert read_png(folder / "sample-124.png").shape == (3 * 64, previews.PREVIEW_FRAMES * 64, 3)
-    assert "teacher 48-step x0 | teacher 2-step | student 2-step" in (folder / "rows.txt").read_text()
+    assert sorted(os.listdir(folder)) == [f"sample-{i}.{kind}" for i in (124, 125) for kind in ("gif", "png")]
+    layout = previews.strip_layout(3, (64, 64), ROW_LABELS, previews.font(128))
+    assert read_png(folder / "sample-124.png").shape == (layout.height, layout.width, 3)
     log = proc.stdout + proc.stderr
     assert f"previews (teacher 48-step x0 | teacher 2-step | student 2-step) written to {folder}" in log
 
@@ -1358,6 +1336,114 @@ def test_the_distilled_demo_student_is_closer_to_the_teachers_48_steps_than_the_
     final = read_jsonl(out / "run" / "eval.jsonl")[-1]
     assert final["rollout_error"] < final["rollout_error_teacher"]
     assert final["rollout_error"] < final["rollout_error_untrained"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Previews read at a glance, and what the demo's world and teacher show
+
+
+ROW_LABELS = ["teacher 48-step x0", "teacher 2-step", "student 2-step"]
+
+
+def rendered_rows(count):
+    """(videos [count, 3, F, H, W] drawn by the world's renderer, their codec VAE, normalised latents,
+    prompts)."""
+    videos, prompts = tiny_demo.demo_videos(per_prompt=1)
+    vae, latents = tiny_demo.fitted_codec(videos[:count])  # normalised latents, as the cache holds them
+    return videos[:count], vae, latents, prompts[:count]
+
+
+def has_ink(region):
+    """Whether an image region [H, W, 3] uint8 holds dark text pixels on the white paper."""
+    return bool((region.int().sum(-1) < 3 * 100).any())
+
+
+def assert_tile(image, layout, row, column, frame):
+    """The tile at (row, column) of `image` is `frame` [3, H, W] upscaled by layout.scale (nearest)."""
+    expected = previews.to_uint8(frame).permute(1, 2, 0)
+    expected = expected.repeat_interleave(layout.scale, 0).repeat_interleave(layout.scale, 1)
+    y, x = layout.origin(row, column)
+    tile = image[y : y + expected.shape[0], x : x + expected.shape[1]]
+    assert (tile.int() - expected.int()).abs().max() <= 1, (row, column)
+
+
+@pytest.mark.parametrize("num_rows", [3, 4])  # 4: one more labelled row, e.g. a streaming student
+def test_the_preview_strip_is_a_captioned_grid_of_labelled_rows_of_upscaled_frames(tmp_path, num_rows):
+    videos, vae, latents, prompts = rendered_rows(num_rows)
+    labels = (ROW_LABELS + ["student 2-step streaming"])[:num_rows]
+    previews.write_previews(tmp_path, vae, [(7, list(latents))], labels, {7: prompts[0]})
+    assert sorted(os.listdir(tmp_path)) == ["sample-7.gif", "sample-7.png"]
+    image = read_png(tmp_path / "sample-7.png")
+    face = previews.font(128)
+    layout = previews.strip_layout(num_rows, (64, 64), labels, face)
+    assert layout.scale == 2 and 64 * layout.scale >= previews.MIN_TILE  # 64-pixel frames drawn at 128
+    assert image.shape == (layout.height, layout.width, 3)
+    assert layout.width == layout.left + previews.PREVIEW_FRAMES * (128 + previews.GAP)
+    assert layout.height == layout.top + num_rows * (128 + previews.GAP)
+    for row in range(num_rows):
+        for column, frame in enumerate([0, 5, 10, 15, 20]):
+            assert_tile(image, layout, row, column, videos[row][:, frame])
+        y = layout.origin(row, 0)[0]
+        assert has_ink(image[y : y + 128, : layout.left - previews.GAP]), f"row {row} has no label"
+    assert has_ink(image[: layout.top // 2]) and has_ink(image[layout.top // 2 : layout.top, layout.left :])
+
+
+def test_the_preview_gif_shows_the_rows_side_by_side_under_their_labels_at_every_frame(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    videos, vae, latents, prompts = rendered_rows(3)
+    previews.write_previews(tmp_path, vae, [(7, list(latents))], ROW_LABELS, {7: prompts[0]})
+    layout = previews.gif_layout(3, (64, 64), ROW_LABELS, previews.font(128))
+    with Image.open(tmp_path / "sample-7.gif") as gif:
+        assert gif.n_frames == 21 and gif.size == (layout.width, layout.height) and gif.info["loop"] == 0
+        for f in range(gif.n_frames):
+            gif.seek(f)
+            image = torch.from_numpy(np.array(gif.convert("RGB")))  # [H, W, 3] uint8
+            for column in range(3):
+                assert_tile(image, layout, 0, column, videos[column][:, f])
+            assert has_ink(image[: layout.top])  # the caption and the labels
+
+
+def test_detect_reads_every_prompt_from_every_start_of_the_worlds_own_renderer():
+    seen = []
+    for prompt in tiny_demo.demo_prompts():
+        starts = tiny_demo.start_cells(tiny_demo.parse_prompt(prompt)[2])
+        for start in starts[:: len(starts) // 3]:  # 3 or 4 starts across the frame
+            seen.append((tiny_demo.detect(tiny_demo.shape_video(prompt, start)), tiny_demo.parse_prompt(prompt)))
+    assert len(seen) >= 3 * len(tiny_demo.demo_prompts())
+    assert all(found == wanted for found, wanted in seen)  # the oracle: 100%
+
+
+def test_detect_reads_nothing_in_an_empty_video_and_no_direction_in_a_still_shape():
+    video = tiny_demo.shape_video("a blue cross moving up", (4, 2))  # [3, F, H, W]
+    assert tiny_demo.detect(torch.full_like(video, tiny_demo.BACKGROUND)) == (None, None, None)
+    still = video[:, :1].expand_as(video)
+    assert tiny_demo.detect(still) == ("blue", "cross", None)
+    two = torch.maximum(video, tiny_demo.shape_video("a blue square moving up", (4, 5)))
+    assert tiny_demo.detect(two) == ("blue", None, "up")  # two shapes at once: no shape reads
+
+
+def test_the_codec_closed_form_decode_equals_the_codec_vae(tmp_path):
+    _, vae, latents, _ = rendered_rows(2)
+    noisy = latents[1] + torch.randn(latents[1].shape, generator=torch.Generator().manual_seed(0))
+    for x in (latents[0], noisy):
+        assert (tiny_demo.codec_decode(x, vae.config) - previews.decode_latents(vae, x)).abs().max() < 1e-3
+
+
+def test_the_demo_build_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    builds = []
+    for name in ("a", "b"):
+        paths = {model: str(tmp_path / name / model) for model in tiny_demo.DEMO_MODELS}
+        tiny_demo.build(paths, log=lambda text: None, steps=3)  # the same code path, 3 pre-training steps
+        builds.append(paths)
+    files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert any("transformer" in f for f in files) and any("vae" in f for f in files)
+    for f in files:
+        first, second = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), f
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python tiny_demo.py                         # builds tiny_models/wan-tiny-demo-teacher and -student
     python tiny_demo.py --out DIR               # elsewhere
+    python tiny_demo.py --detect cache/tiny     # what the teacher draws: prompted colour, shape, direction
 
 configs/tiny.yaml uses these models, and the scripts' entry points build them on first use
 (build_missing_models), so the README's tiny command needs no separate step. The random tiny models of the
@@ -15,12 +16,17 @@ tests and bench.py (RANDOM_MODELS) are built the same way. What the demo builds:
   VAE does) and embed its RGB, minus the background, in the 16 latent channels through a fixed orthonormal
   16x3 matrix; the decoder maps back and repeats each cell over its pixels and frames. On this world it is
   exact: decode(encode(v)) equals v. Its `latents_mean`/`latents_std` are the encoded dataset's per-channel
-  statistics, used as Wan's are.
+  statistics, used as Wan's are. codec_encode/codec_decode are its closed form (the build and the detection
+  rates use them: the VAE itself takes seconds per video on a CPU).
 - A seeded flow-matching pre-training (Wan's parameterisation: x_t = (1-s)x0 + s*eps, target v = eps - x0,
   uniform s) of the teacher transformer on the normalised latents, with 10% of prompts replaced by the
-  empty prompt so classifier-free guidance has an unconditional model. The student starts from the teacher's
-  weights, as Self-Forcing's ODE initialisation starts its 1.3B student from the 1.3B model that made the
-  trajectories; distillation teaches it the teacher's guided 48-step result in a few unguided steps.
+  empty prompt so classifier-free guidance has an unconditional model. The student is a copy of the
+  teacher's weights, not a smaller model: Self-Forcing's ODE initialisation (CausVid's process) regresses
+  Wan2.1-T2V-1.3B's trajectories into a student that starts from that model, and the demo then shows
+  distillation alone, the same network taught the teacher's guided 48-step result in a few unguided steps.
+
+detect(video) reads the colour, shape and direction a decoded video shows; `--detect CACHE` prints how often
+the cached teacher samples show the prompted ones (docs/tiny_demo.md has the figures).
 
 Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD
 scripts and export.py expect. The build is deterministic given the seed on a given machine and thread count.
@@ -28,12 +34,15 @@ scripts and export.py expect. The build is deterministic given the seed on a giv
 
 import argparse
 import fcntl
+import functools
+import json
 import os
 import shutil
 import sys
 import time
 
 import torch
+from safetensors import safe_open
 
 from flow_matching import NUM_TRAIN_TIMESTEPS, add_noise
 from teacher import encode_prompt, pad_embeds
@@ -51,6 +60,9 @@ SHAPES = {  # 3x3 latent cells
 # (row, column) per latent frame
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 BACKGROUND = -0.8  # dark grey, every channel
+FOREGROUND = 0.85  # detect: a cell is foreground when a channel is this far from the background
+MAX_MISMATCH = 2  # detect: cells (of 64) a frame's best shape placement may miss for the frame to show it
+MIN_TRAVEL = 1.0  # detect: cells the shape must move from the first latent frame to the last (the world: 2)
 # configs/tiny.yaml's video; the Wan VAE's 8x spatial, 4x time
 NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 21, 64, 8, 4
 LATENT_FRAMES, GRID = (NUM_FRAMES - 1) // TIME_FACTOR + 1, SIZE // CELL  # 6, 8
@@ -273,28 +285,68 @@ def demo_videos(per_prompt=VIDEOS_PER_PROMPT, seed=0):
     return torch.stack([shape_video(p, s) for p, s in pairs]), [p for p, _ in pairs]
 
 
+@functools.cache
+def placements():
+    """[len(SHAPES), P, GRID, GRID] bool: each shape at each of its P top-left cells inside the frame."""
+    last = GRID - SHAPE_CELLS
+    masks = torch.zeros(len(SHAPES), last + 1, last + 1, GRID, GRID, dtype=torch.bool)
+    for s, pattern in enumerate(SHAPES.values()):
+        pattern = torch.tensor(pattern, dtype=torch.bool)
+        for r in range(last + 1):
+            for c in range(last + 1):
+                masks[s, r, c, r : r + SHAPE_CELLS, c : c + SHAPE_CELLS] = pattern
+    return masks.flatten(1, 2)
+
+
+def centroid(mask):
+    """(row, column) [2] of the mean of a mask's cells [GRID, GRID]."""
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    return torch.stack([rows.float().mean(), cols.float().mean()])
+
+
 def detect(video):
-    """(colour, direction) seen in a decoded video [3, F, H, W] in [-1, 1], or (None, None) when no shape
-    shows.
+    """(colour, shape, direction) seen in a decoded video [3, F, H, W] in [-1, 1]; None for each that does
+    not show.
 
-    The colour is the palette entry nearest the mean of the pixels that differ from the background; the
-    direction is the sign of the largest displacement of their centroid between the first and last frames."""
-    foreground = (video - BACKGROUND).abs().amax(0) > 0.4  # [F, H, W]
-    first, last = foreground[0], foreground[-1]
-    if foreground.sum() < CELL * CELL or not first.any() or not last.any():
-        return None, None
-    mean = video.permute(1, 2, 3, 0)[foreground].mean(0)  # [3]
+    Read per latent cell (the codec draws whole 8x8x4 blocks): a cell is foreground when a channel differs
+    from the background by more than FOREGROUND. Colour: the palette entry nearest the mean foreground cell.
+    Shape: each latent frame votes for the shape whose best placement misses fewer cells (foreground outside
+    it counts as a miss too), if it misses at most MAX_MISMATCH; the majority of the votes. Direction: the
+    larger component of the foreground centroid's displacement from the first latent frame to the last, if it
+    is at least MIN_TRAVEL cells.
+    """
+    frames = video[:, [0, *range(TIME_FACTOR, video.shape[1], TIME_FACTOR)]]  # [3, LATENT_FRAMES, H, W]
+    cells = frames.unflatten(2, (GRID, CELL)).unflatten(4, (GRID, CELL)).mean(dim=(3, 5))  # [3, F', G, G]
+    foreground = (cells - BACKGROUND).abs().amax(0) > FOREGROUND  # [F', GRID, GRID]
+    if not foreground.any():
+        return None, None, None
+    mean = cells.permute(1, 2, 3, 0)[foreground].mean(0)  # [3]
     colour = min(COLOURS, key=lambda c: float((torch.tensor(COLOURS[c]) - mean).pow(2).sum()))
-    rows, cols = (torch.arange(SIZE, dtype=torch.float32)[:, None],
-                  torch.arange(SIZE, dtype=torch.float32)[None])
+    misses = (foreground[:, None, None] != placements()[None]).sum(dim=(3, 4)).amin(2)  # [F', len(SHAPES)]
+    votes = [list(SHAPES)[int(m.argmin())] for m in misses if m.min() <= MAX_MISMATCH and m.min() < m.max()]
+    first, second = sorted(SHAPES, key=votes.count, reverse=True)
+    shape = first if votes.count(first) > votes.count(second) else None  # no votes or a tie: none reads
+    direction = None
+    if foreground[0].any() and foreground[-1].any():
+        dr, dc = (centroid(foreground[-1]) - centroid(foreground[0])).tolist()
+        if max(abs(dr), abs(dc)) >= MIN_TRAVEL:
+            direction = ("down" if dr > 0 else "up") if abs(dr) > abs(dc) else ("right" if dc > 0 else "left")
+    return colour, shape, direction
 
-    def centroid(mask):
-        return (rows * mask).sum() / mask.sum(), (cols * mask).sum() / mask.sum()
 
-    (r0, c0), (r1, c1) = centroid(first.float()), centroid(last.float())
-    dr, dc = float(r1 - r0), float(c1 - c0)
-    direction = ("down" if dr > 0 else "up") if abs(dr) > abs(dc) else ("right" if dc > 0 else "left")
-    return colour, direction
+def detection_rates(cache_dir, vae_config):
+    """({colour, shape, direction: fraction of cached samples whose teacher x0 shows the prompt's}, count).
+
+    The x0 are decoded by codec_decode, the codec VAE's exact closed form (the VAE itself takes seconds per
+    video on a CPU)."""
+    names = sorted(n for n in os.listdir(os.path.join(cache_dir, "samples")) if n.endswith(".safetensors"))
+    hits = dict.fromkeys(("colour", "shape", "direction"), 0)
+    for name in names:
+        with safe_open(os.path.join(cache_dir, "samples", name), framework="pt") as f:
+            x0, prompt = f.get_slice("latents")[-1].float(), f.metadata()["prompt"]  # [C, F, H, W]
+        for key, wanted, seen in zip(hits, parse_prompt(prompt), detect(codec_decode(x0, vae_config))):
+            hits[key] += wanted == seen
+    return {key: n / len(names) for key, n in hits.items()}, len(names)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,6 +419,18 @@ def codec_vae(latents_mean=None, latents_std=None):
     return vae
 
 
+def codec_decode(latents, vae_config):
+    """Video [3, F, H, W] of normalised latents [16, F', 8, 8]: what codec_vae's decoder computes, in closed
+    form (un-normalise with the config's latents_mean/std, map back through the embedding, repeat each cell).
+    """
+    mean = torch.tensor(vae_config["latents_mean"]).view(-1, 1, 1, 1)
+    std = torch.tensor(vae_config["latents_std"]).view(-1, 1, 1, 1)
+    latents = latents * std + mean  # [16, F', 8, 8]
+    cells = torch.einsum("cd,cfhw->dfhw", latent_embedding(), latents) + BACKGROUND  # [3, F', 8, 8]
+    frames = torch.cat([cells[:, :1], cells[:, 1:].repeat_interleave(TIME_FACTOR, 1)], dim=1)
+    return frames.repeat_interleave(CELL, 2).repeat_interleave(CELL, 3).clamp(-1, 1)
+
+
 def _linear_head(last_resnet, norm_out):
     """Bias the last residual block so norm_out + SiLU pass channels 0-2 through plus _OFFSET (undone by
     conv_out)."""
@@ -388,10 +452,19 @@ def latent_stats(vae):
     return mean, 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
 
 
+def codec_encode(videos):
+    """Latents [N, 16, 6, 8, 8] of videos [N, 3, F, H, W]: what codec_vae's encoder computes (before Wan's
+    normalisation), in closed form: each 8x8-pixel block's mean over its frames, minus the background,
+    embedded."""
+    frames = torch.cat([videos[:, :, :1], videos[:, :, 1:].unflatten(2, (-1, TIME_FACTOR)).mean(3)], dim=2)
+    cells = frames.unflatten(3, (GRID, CELL)).unflatten(5, (GRID, CELL)).mean(dim=(4, 6))  # [N, 3, 6, 8, 8]
+    return torch.einsum("cd,ndfhw->ncfhw", latent_embedding(), cells - BACKGROUND)
+
+
 def fitted_codec(videos):
     """(codec_vae with latents_mean/std fitted to the encoded `videos`, their normalised latents [N, 16, 6, 8,
-    8])."""
-    latents = encode(codec_vae(), videos)
+    8]). The latents come from codec_encode, the encoder's closed form (the VAE takes seconds per video)."""
+    latents = codec_encode(videos)
     mean = [round(float(m), 6) for m in latents.mean(dim=(0, 2, 3, 4))]
     std = [round(float(s), 6) for s in latents.std(dim=(0, 2, 3, 4))]
     vae = codec_vae(mean, std)
@@ -444,17 +517,19 @@ def log_line(text):
     print(text, file=sys.stderr, flush=True)  # stderr: the scripts' stdout is their own report
 
 
-def build(paths, log=log_line):
-    """Write each demo model {name: path} (DEMO_MODELS names) as a complete Wan diffusers directory."""
+def build(paths, log=log_line, steps=None):
+    """Write each demo model {name: path} (DEMO_MODELS names) as a complete Wan diffusers directory.
+
+    steps: pre-training steps instead of DEMO_MODELS' (the determinism test builds with a few)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same weights however it is started (torchrun's ranks run one thread each)
     try:
-        _build(paths, log)
+        _build(paths, log, steps)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(paths, log):
+def _build(paths, log, steps):
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     start = time.perf_counter()
@@ -465,7 +540,7 @@ def _build(paths, log):
     vae, latents = fitted_codec(videos)
     table = prompt_embeddings(text_encoder, tokenizer, demo_prompts() + [NEGATIVE_PROMPT])
     embeds = {"cond": torch.stack([table[p] for p in prompts]), "uncond": table[NEGATIVE_PROMPT]}
-    log(f"tiny demo: {len(videos)} videos of moving shapes encoded by the codec VAE in "
+    log(f"tiny demo: {len(videos)} videos of moving shapes encoded for the codec VAE in "
         f"{time.perf_counter() - start:.0f} s")
     trained = {}
 
@@ -480,9 +555,10 @@ def _build(paths, log):
                 out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=spec["ffn_dim"],
                 num_layers=spec["layers"], rope_max_seq_len=64,
             )
+            n = spec["steps"] if steps is None else steps
             log(f"pre-training {name} ({sum(p.numel() for p in trained[name].parameters())} parameters, "
-                f"{spec['steps']} steps of {BATCH_SIZE} videos)")
-            pretrain(trained[name], latents, embeds, spec["steps"], spec["seed"], log)
+                f"{n} steps of {BATCH_SIZE} videos)")
+            pretrain(trained[name], latents, embeds, n, spec["seed"], log)
         return trained[name]
 
     for name, path in paths.items():
@@ -507,8 +583,17 @@ def write_prompts(path, repeats=8, seed=0):
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="tiny_models", help="folder for the two model directories")
+    parser.add_argument("--detect", metavar="CACHE_DIR",
+                        help="instead: print how many cached teacher samples show the prompted colour, shape "
+                             "and direction (detect), decoded with the VAE config of the student in --out")
     args = parser.parse_args(argv)
     paths = [os.path.join(args.out, name) for name in DEMO_MODELS]
+    if args.detect:
+        with open(os.path.join(paths[-1], "vae", "config.json")) as f:
+            rates, count = detection_rates(args.detect, json.load(f))
+        print(f"{args.detect}: {count} samples; the teacher's x0 shows the prompted "
+              + ", ".join(f"{key} in {rate:.1%}" for key, rate in rates.items()) + " (chance: 25%, 50%, 25%)")
+        return
     if all(os.path.exists(path) for path in paths):
         print(f"{' and '.join(paths)} exist; delete them to rebuild")
     for path in paths:
