@@ -361,12 +361,12 @@ class KDTrainer:
         """Continue from the checkpoint training.resume names (auto: the highest complete one), if any."""
         path = checkpoint_to_resume(self.cfg.training.output_dir, self.cfg.training.resume, self.rank)
         if path is not None:
-            ema = self.ema if self.ema is not None and has_ema(path) else None
-            if self.ema is not None and ema is None:
-                self.log(f"{path} holds no EMA (its run had training.ema_decay=0): the EMA starts from its weights")
-            state = load_checkpoint(path, self.model, self.optimizer, self.rank, self.device, ema)
-            if self.ema is not None and ema is None:
+            fresh_ema = self.ema is not None and not has_ema(path)  # the run that wrote it kept no EMA
+            state = load_checkpoint(path, self.model, self.optimizer, self.rank, self.device,
+                                    None if fresh_ema else self.ema)
+            if fresh_ema:
                 self.ema = EMA(self.model, self.cfg.training.ema_decay, self.cfg.training.ema_start_step)
+                self.log(f"{path} holds no EMA (its run had training.ema_decay=0): the EMA starts from its weights")
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = state["step"]
             self.log(f"resumed from {path} at step {self.step}")

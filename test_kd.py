@@ -1409,8 +1409,8 @@ def test_detect_reads_every_prompt_from_every_start_of_the_worlds_own_renderer()
     seen = []
     for prompt in tiny_demo.demo_prompts():
         starts = tiny_demo.start_cells(tiny_demo.parse_prompt(prompt)[2])
-        for start in starts[:: len(starts) // 3]:  # 3 or 4 starts across the frame
-            seen.append((tiny_demo.detect(tiny_demo.shape_video(prompt, start)), tiny_demo.parse_prompt(prompt)))
+        for cell in starts[:: len(starts) // 3]:  # 3 or 4 starts across the frame
+            seen.append((tiny_demo.detect(tiny_demo.shape_video(prompt, cell)), tiny_demo.parse_prompt(prompt)))
     assert len(seen) >= 3 * len(tiny_demo.demo_prompts())
     assert all(found == wanted for found, wanted in seen)  # the oracle: 100%
 
