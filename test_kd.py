@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 import atomic_files
 import cache_format
+import checkpoints
 import config
 import distributed
 import errors
@@ -1236,6 +1237,24 @@ def test_the_ema_follows_the_hand_computed_sequence_and_swaps_in_and_out_exactly
     assert torch.equal(model.weight, held) and torch.equal(ema.state_dict()["weight"], average)
 
 
+def test_turning_the_ema_on_when_resuming_starts_it_from_the_resumed_weights(kd_cache, tmp_path):
+    out = tmp_path / "run"
+    run_script("kd.py", TINY, *train_overrides(kd_cache, out, "training.max_steps=3", "training.ema_decay=0",
+                                               "training.checkpoint_every=3", "training.num_workers=0"), ranks=1)
+    assert not checkpoints.has_ema(str(out / "checkpoint-3"))
+    proc = run_script("kd.py", TINY, *train_overrides(kd_cache, out, "training.max_steps=4",
+                                                      "training.ema_decay=0.5", "training.ema_start_step=0",
+                                                      "training.num_workers=0"), ranks=1)
+    assert "holds no EMA" in proc.stdout + proc.stderr
+    import export
+
+    ema, before = checkpoint_ema(out / "checkpoint-4"), export.load_checkpoint_student(
+        str(out / "checkpoint-3"), export.run_config(str(out / "checkpoint-3"))).state_dict()
+    after = export.load_checkpoint_student(str(out / "checkpoint-4"),
+                                           export.run_config(str(out / "checkpoint-4"))).state_dict()
+    assert all(torch.allclose(ema[k], 0.5 * before[k] + 0.5 * after[k], atol=1e-6) for k in ema)
+
+
 def checkpoint_ema(path):
     """{name: tensor} of the EMA weights a checkpoint holds."""
     import export
@@ -1997,7 +2016,6 @@ def test_a_failing_gpu_check_stage_is_a_fail_row_with_its_reason_and_the_next_st
 
 
 def test_checking_the_weights_before_a_checkpoint_reads_one_value_back_not_one_per_parameter():
-    import checkpoints
     import gpu_check
 
     rank, world_size, device = distributed.init_distributed()
