@@ -28,7 +28,7 @@ from atomic_files import TMP_SUFFIX, write_atomic
 from checkpoints import TRAINER_STATE, checkpoint_dirs, has_ema
 from config import load_config
 from errors import CacheError, ConfigError, run_cli
-from flow_matching import teacher_grid
+from flow_matching import conditioning_timesteps, teacher_grid
 from models import load_transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -108,10 +108,7 @@ def load_checkpoint_student(checkpoint, cfg, ema=False):
 
 def sampling_schedule(cfg):
     """How the student samples: its K sigmas and the timesteps it is conditioned on (student_sampling.json)."""
-    grid = teacher_grid(cfg)
-    written = cfg.method.student_timesteps == "t_list"
-    return {"sigmas": grid.student_sigmas,
-            "timesteps": [float(t) for t in cfg.method.t_list[:-1]] if written else grid.student_timesteps,
+    return {"sigmas": teacher_grid(cfg).student_sigmas, "timesteps": conditioning_timesteps(cfg),
             "t_list": cfg.method.t_list, "flow_shift": cfg.pipeline.flow_shift,
             "teacher_inference_steps": cfg.method.teacher_inference_steps}
 

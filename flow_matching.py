@@ -60,6 +60,11 @@ class TeacherGrid:
         return [self.recorded.index(i) for i in self.matched]
 
     @property
+    def entry_positions(self):
+        """Position on a cached file's state axis of every t_list entry [K + 1]: x0 follows the recorded states."""
+        return self.positions + [len(self.recorded)]
+
+    @property
     def student_timesteps(self):
         """The matched grid timestep of each t_list entry but the final 0 [K], as the cache records it (float32
         values: 1000, 937.5, 833.33.., 625 for [999, 937, 833, 624, 0] on 48 steps at shift 5)."""
@@ -94,6 +99,14 @@ def _teacher_grid(t_list, num_steps, shift, tolerance, keep_full_trajectory, rec
                               f"holds {held}")
     recorded = tuple(range(num_steps)) if keep_full_trajectory else recorded_steps or matched
     return TeacherGrid(sigmas, matched, recorded)
+
+
+def conditioning_timesteps(cfg):
+    """The timestep the student is conditioned on at each t_list entry but the final 0 [K]: its matched grid
+    timestep, or with method.student_timesteps: t_list the value as written (the seed's)."""
+    if cfg.method.student_timesteps == "t_list":
+        return [float(t) for t in cfg.method.t_list[:-1]]
+    return teacher_grid(cfg).student_timesteps
 
 
 def match_t_list(t_list, num_steps, shift, tolerance):

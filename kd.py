@@ -41,7 +41,7 @@ from config import check_paths, config_from_argv, plain
 from distributed import barrier, free_device_memory, init_distributed, shutdown_distributed
 from ema import EMA
 from errors import CacheError, ConfigError, WriteError, one_line, run_cli
-from flow_matching import add_noise, teacher_grid, x0_from_velocity
+from flow_matching import add_noise, conditioning_timesteps, teacher_grid, x0_from_velocity
 from generate_cache import generate_cache
 from models import compute_dtype, has_vae, load_transformer, load_vae
 from previews import write_previews
@@ -62,7 +62,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache_dir, positions, max_len):
-        """positions: the state-axis position of each t_list entry [K + 1] (the last one, x0, is last)."""
+        """positions: the state-axis position of each t_list entry [K + 1] (TeacherGrid.entry_positions)."""
         self.cache_dir, self.positions, self.max_len = cache_dir, positions, max_len
 
     def __getitem__(self, key):
@@ -236,11 +236,9 @@ class KDTrainer:
         self.grid = teacher_grid(cfg)
         self.t_list = [float(t) for t in cfg.method.t_list]
         self.num_steps = len(self.t_list) - 1  # K
-        written = cfg.method.student_timesteps == "t_list"
-        conditioning = self.t_list[:-1] if written else self.grid.student_timesteps
         # Per t_list entry [K + 1]: the timestep the student is conditioned on, and the matched grid sigma of
         # x0 = x_t - sigma * v; entry K is the clean x0, at timestep 0 and sigma 0.
-        self.t_values = torch.tensor(conditioning + [0.0], device=device)
+        self.t_values = torch.tensor(conditioning_timesteps(cfg) + [0.0], device=device)
         self.sigmas = torch.tensor(self.grid.student_sigmas + [0.0], device=device)
         # the first step whose loss or gradient norm was not finite (inf: none so far)
         self.first_bad_step = torch.tensor(float("inf"), device=device)
@@ -287,8 +285,7 @@ class KDTrainer:
             raise ConfigError(f"training.eval_samples={t.eval_samples} must be below the {n} cached samples")
         self.train_indices = list(range(n - t.eval_samples))
         self.eval_indices = list(range(n - t.eval_samples, n))
-        positions = self.grid.positions + [len(self.grid.recorded)]  # x0 follows the recorded states
-        self.dataset = TrajectoryDataset(cfg.method.teacher_path_cache, positions,
+        self.dataset = TrajectoryDataset(cfg.method.teacher_path_cache, self.grid.entry_positions,
                                          self.meta["max_sequence_length"])
         make_dirs(t.output_dir)
         if self.rank == 0:  # export.py reads it to find the student's base model

@@ -1159,7 +1159,7 @@ def test_clean_frames_are_read_as_x0_and_carry_zero_loss_and_zero_gradient_but_a
                                                                                           tiny_student):
     cfg = tiny_config(reference_cache)
     grid = flow_matching.teacher_grid(cfg)
-    dataset = kd.TrajectoryDataset(str(reference_cache), grid.positions + [len(grid.recorded)], 512)
+    dataset = kd.TrajectoryDataset(str(reference_cache), grid.entry_positions, 512)
     item = dataset[(0, (4, 4, 0, 0, 4, 4))]
     assert torch.equal(item["x_t"][:, [0, 1, 4, 5]], item["x0"][:, [0, 1, 4, 5]])  # entry K is x0 itself
     model = tiny_student("block_causal", frames_per_block=2)
@@ -1546,7 +1546,7 @@ def test_the_exported_student_sampled_by_stock_diffusers_is_the_evals_rollout(ex
     pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas=schedule["sigmas"])
     cfg = config.load_config(Path(used).parent / "config.yaml")
     grid = flow_matching.teacher_grid(cfg)
-    dataset = kd.TrajectoryDataset(str(kd_cache), grid.positions + [len(grid.recorded)],
+    dataset = kd.TrajectoryDataset(str(kd_cache), grid.entry_positions,
                                    cfg.pipeline.max_sequence_length)
     student = models.load_transformer(str(out), torch.device("cpu"))
     t_values, sigmas = torch.tensor(schedule["timesteps"] + [0.0]), torch.tensor(schedule["sigmas"] + [0.0])
