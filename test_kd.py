@@ -195,6 +195,19 @@ def test_seed_validations_raise_their_messages(tmp_path, overrides, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("method.student_timesteps=written", "method.student_timesteps must be 'grid' or 't_list', got 'written'"),
+    ("method.clean_context=maybe", "method.clean_context: expected a boolean"),
+    ("training.ema_decay=1.0", "training.ema_decay must be in [0, 1) (0 = no EMA), got 1.0"),
+    ("training.ema_decay=-0.1", "training.ema_decay must be in [0, 1) (0 = no EMA), got -0.1"),
+    ("training.ema_start_step=-1", "training.ema_start_step must be >= 0, got -1"),
+])
+def test_bad_conditioning_context_and_ema_settings_are_errors_naming_the_field(tmp_path, override, message):
+    with pytest.raises(errors.ConfigError) as e:
+        tiny_config(tmp_path, override)
+    assert message in str(e.value)
+
+
 def test_teacher_section_is_optional_and_student_sample_steps_defaults(tmp_path):
     cfg = tiny_config(tmp_path, "models.teacher=null")
     assert cfg.models.teacher is None
@@ -1253,6 +1266,9 @@ def test_turning_the_ema_on_when_resuming_starts_it_from_the_resumed_weights(kd_
     after = export.load_checkpoint_student(str(out / "checkpoint-4"),
                                            export.run_config(str(out / "checkpoint-4"))).state_dict()
     assert all(torch.allclose(ema[k], 0.5 * before[k] + 0.5 * after[k], atol=1e-6) for k in ema)
+    with pytest.raises(errors.ConfigError, match="holds no EMA"):
+        export.export(str(out / "checkpoint-3"), str(tmp_path / "export"), ema=True)
+    assert not (tmp_path / "export").exists()
 
 
 def checkpoint_ema(path):
