@@ -10,7 +10,7 @@ tests and bench.py (RANDOM_MODELS) are built the same way. What the demo builds:
 
 - A procedural video world: one coloured shape (4 colours x 2 shapes, 3x3 cells of 8 pixels) on a dark 64x64
   frame, 21 frames, moving one cell every 2 latent frames in one of 4 directions; the prompt names all three
-  ("a red square moving left"). The pre-training set draws VIDEOS_PER_PROMPT start cells per prompt.
+  ("a red square moving left"). The pre-training set holds every start cell of every prompt (768 videos).
 - A latent codec packaged as a real diffusers `AutoencoderKLWan` (what WanPipeline and the previews load):
   fixed weights that average each 8x8 pixel block over its 4 frames (the first frame alone, as Wan's causal
   VAE does) and embed its RGB, minus the background, in the 16 latent channels through a fixed orthonormal
@@ -19,8 +19,9 @@ tests and bench.py (RANDOM_MODELS) are built the same way. What the demo builds:
   statistics, used as Wan's are. codec_encode/codec_decode are its closed form (the build and the detection
   rates use them: the VAE itself takes seconds per video on a CPU).
 - A seeded flow-matching pre-training (Wan's parameterisation: x_t = (1-s)x0 + s*eps, target v = eps - x0,
-  uniform s) of the teacher transformer on the normalised latents, with 10% of prompts replaced by the
-  empty prompt so classifier-free guidance has an unconditional model. The student is a copy of the
+  uniform s; for a quarter of the videos one s per latent frame) of a 64-wide teacher transformer on the
+  normalised latents, with 10% of prompts replaced by the empty prompt so classifier-free guidance has an
+  unconditional model. The student is a copy of the
   teacher's weights, not a smaller model: Self-Forcing's ODE initialisation (CausVid's process) regresses
   Wan2.1-T2V-1.3B's trajectories into a student that starts from that model, and the demo then shows
   distillation alone, the same network taught the teacher's guided 48-step result in a few unguided steps.
@@ -29,7 +30,7 @@ detect(video) reads the colour, shape and direction a decoded video shows; `--de
 the cached teacher samples show the prompted ones (docs/tiny_demo.md has the figures).
 
 Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD
-scripts and export.py expect. The build is deterministic given the seed on a given machine and thread count.
+scripts and export.py expect. The build is deterministic given the seed on a given machine (it runs BUILD_THREADS threads).
 """
 
 import argparse
@@ -68,15 +69,20 @@ NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 21, 64, 8, 4
 LATENT_FRAMES, GRID = (NUM_FRAMES - 1) // TIME_FACTOR + 1, SIZE // CELL  # 6, 8
 SHAPE_CELLS = 3
 STEP_FRAMES = 2  # the shape moves one latent cell (8 pixels) every 2 latent frames (8 video frames)
-VIDEOS_PER_PROMPT = 2  # start cells per prompt in the pre-training set (of 24 that keep the shape inside)
+VIDEOS_PER_PROMPT = 24  # start cells per prompt in the pre-training set: all 24 that keep the shape inside
 
 TEXT_SEED = 3  # text encoder and the codec's embedding: shared by teacher and student
 DEMO_MODELS = {  # transformer size and pre-training of each demo model, or the model whose weights it copies
-    "wan-tiny-demo-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=11, steps=2500),
+    # width 64: a 2x2 patch of 16 latent channels is 64 numbers, and a narrower stream cannot carry the noise
+    "wan-tiny-demo-teacher": dict(layers=4, heads=4, head_dim=16, ffn_dim=128, seed=11, steps=3500),
     "wan-tiny-demo-student": dict(copy_of="wan-tiny-demo-teacher"),
 }
 # fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
 CFG_DROPOUT = 0.1
+# fraction of training videos noised with an independent sigma per latent frame (Diffusion Forcing's noise):
+# frames then have to be predicted from each other, which sharpens the shapes (docs/tiny_demo.md)
+FRAME_NOISE = 0.25
+BUILD_THREADS = 2  # the build's torch threads, whatever the caller's: the same weights on every start
 # configs/tiny.yaml's method.teacher_negative_prompt: what the unconditional model was taught
 NEGATIVE_PROMPT = ""
 BATCH_SIZE, LR = 16, 3e-3
@@ -483,6 +489,15 @@ def prompt_embeddings(encoder, tokenizer, prompts):
     return {p: pad_embeds(encode_prompt(encoder, tokenizer, p, n, torch.device("cpu")), n) for p in prompts}
 
 
+def pretraining_sigmas(generator, batch, frames):
+    """[batch, frames] noise levels: one uniform sigma per video, or for a FRAME_NOISE share of the videos one
+    uniform sigma per latent frame."""
+    sigma = torch.rand(batch, generator=generator)[:, None].repeat(1, frames)
+    per_frame = torch.rand(batch, generator=generator) < FRAME_NOISE
+    sigma[per_frame] = torch.rand(int(per_frame.sum()), frames, generator=generator)
+    return sigma
+
+
 def pretrain(transformer, latents, embeds, steps, seed, log=None):
     """Flow-matching pre-training on (latents [N, C, F, H, W], per-sample prompt embeddings [N, L, D])."""
     g = torch.Generator().manual_seed(seed)
@@ -490,6 +505,8 @@ def pretrain(transformer, latents, embeds, steps, seed, log=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 *
                                                  (1 + torch.cos(torch.tensor(s / steps * torch.pi)).item()))
     empty = embeds["uncond"]
+    _, p_h, p_w = transformer.config.patch_size
+    tokens_per_frame = latents.shape[3] // p_h * (latents.shape[4] // p_w)
     transformer.train()
     for step in range(steps):
         idx = torch.randint(len(latents), (BATCH_SIZE,), generator=g)
@@ -497,18 +514,19 @@ def pretrain(transformer, latents, embeds, steps, seed, log=None):
         context = embeds["cond"][idx].clone()  # [B, L, D]
         drop = torch.rand(BATCH_SIZE, generator=g) < CFG_DROPOUT
         context[drop] = empty
-        # uniform: the low noise levels that draw the shape get their share
-        sigma = torch.rand(BATCH_SIZE, generator=g)
+        sigma = pretraining_sigmas(g, BATCH_SIZE, x0.shape[2])  # [B, F]
         eps = torch.randn(x0.shape, generator=g)
-        x_t = add_noise(x0, eps, sigma.view(-1, 1, 1, 1, 1))
-        v = transformer(x_t, sigma * NUM_TRAIN_TIMESTEPS, context, return_dict=False)[0]
+        x_t = add_noise(x0, eps, sigma[:, None, :, None, None])
+        # diffusers' Wan takes a timestep per token: [B, F * tokens per frame]
+        timestep = (sigma * NUM_TRAIN_TIMESTEPS).repeat_interleave(tokens_per_frame, dim=1)
+        v = transformer(x_t, timestep, context, return_dict=False)[0]
         loss = (v - (eps - x0)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if log is not None and (step + 1) % 100 == 0:
+        if log is not None and (step + 1) % 500 == 0:
             log(f"  step {step + 1}/{steps}: flow-matching loss {loss.item():.4f}")
     return transformer.eval()
 
@@ -522,7 +540,7 @@ def build(paths, log=log_line, steps=None):
 
     steps: pre-training steps instead of DEMO_MODELS' (the determinism test builds with a few)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same weights however it is started (torchrun's ranks run one thread each)
+    torch.set_num_threads(BUILD_THREADS)  # torchrun's ranks run one thread each; one rank builds
     try:
         _build(paths, log, steps)
     finally:
