@@ -1350,7 +1350,7 @@ def test_the_pretrained_demo_teacher_draws_the_prompted_colour_and_shape(demo_ru
     vae_config = models.load_vae(str(DEMO_STUDENT), torch.device("cpu")).config
     rates, count = tiny_demo.detection_rates(out / "cache", vae_config)
     assert count == 128
-    assert rates["colour"] >= 0.9 and rates["shape"] >= 0.65, rates  # the direction: not learned (docs)
+    assert rates["colour"] >= 0.95 and rates["shape"] >= 0.8, rates  # the direction: not learned (docs)
 
 
 def test_the_demo_run_writes_labelled_previews_of_teacher_and_student_rows(demo_run):
@@ -1472,7 +1472,8 @@ def test_the_demo_build_is_deterministic(tmp_path):
     builds = []
     for name in ("a", "b"):
         paths = {model: str(tmp_path / name / model) for model in tiny_demo.DEMO_MODELS}
-        tiny_demo.build(paths, log=lambda text: None, steps=3)  # the same code path, 3 pre-training steps
+        # the same code path, 4 pre-training steps: the last one noises each frame at its own level
+        tiny_demo.build(paths, log=lambda text: None, steps=tiny_demo.FRAME_NOISE_EVERY)
         builds.append(paths)
     files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*.safetensors"))
     assert any("transformer" in f for f in files) and any("vae" in f for f in files)

@@ -19,7 +19,7 @@ tests and bench.py (RANDOM_MODELS) are built the same way. What the demo builds:
   statistics, used as Wan's are. codec_encode/codec_decode are its closed form (the build and the detection
   rates use them: the VAE itself takes seconds per video on a CPU).
 - A seeded flow-matching pre-training (Wan's parameterisation: x_t = (1-s)x0 + s*eps, target v = eps - x0,
-  uniform s; for a quarter of the videos one s per latent frame) of a 64-wide teacher transformer on the
+  uniform s; every 4th step one s per latent frame) of a 64-wide teacher transformer on the
   normalised latents, with 10% of prompts replaced by the empty prompt so classifier-free guidance has an
   unconditional model. The student is a copy of the
   teacher's weights, not a smaller model: Self-Forcing's ODE initialisation (CausVid's process) regresses
@@ -79,9 +79,9 @@ DEMO_MODELS = {  # transformer size and pre-training of each demo model, or the 
 }
 # fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
 CFG_DROPOUT = 0.1
-# fraction of training videos noised with an independent sigma per latent frame (Diffusion Forcing's noise):
-# frames then have to be predicted from each other, which sharpens the shapes (docs/tiny_demo.md)
-FRAME_NOISE = 0.25
+# every 4th pre-training step noises each latent frame at its own sigma (Diffusion Forcing's noise): frames
+# then have to be predicted from each other, as the block-causal demo student runs (docs/tiny_demo.md)
+FRAME_NOISE_EVERY = 4
 BUILD_THREADS = 2  # the build's torch threads, whatever the caller's: the same weights on every start
 # configs/tiny.yaml's method.teacher_negative_prompt: what the unconditional model was taught
 NEGATIVE_PROMPT = ""
@@ -489,13 +489,12 @@ def prompt_embeddings(encoder, tokenizer, prompts):
     return {p: pad_embeds(encode_prompt(encoder, tokenizer, p, n, torch.device("cpu")), n) for p in prompts}
 
 
-def pretraining_sigmas(generator, batch, frames):
-    """[batch, frames] noise levels: one uniform sigma per video, or for a FRAME_NOISE share of the videos one
-    uniform sigma per latent frame."""
-    sigma = torch.rand(batch, generator=generator)[:, None].repeat(1, frames)
-    per_frame = torch.rand(batch, generator=generator) < FRAME_NOISE
-    sigma[per_frame] = torch.rand(int(per_frame.sum()), frames, generator=generator)
-    return sigma
+def pretraining_sigmas(generator, step, batch, frames):
+    """[batch] noise levels, uniform, one per video; every FRAME_NOISE_EVERY-th step [batch, frames], one per
+    latent frame (as a timestep per token, diffusers' Wan costs more, hence whole steps rather than videos)."""
+    if (step + 1) % FRAME_NOISE_EVERY:
+        return torch.rand(batch, generator=generator)
+    return torch.rand(batch, frames, generator=generator)
 
 
 def pretrain(transformer, latents, embeds, steps, seed, log=None):
@@ -514,11 +513,13 @@ def pretrain(transformer, latents, embeds, steps, seed, log=None):
         context = embeds["cond"][idx].clone()  # [B, L, D]
         drop = torch.rand(BATCH_SIZE, generator=g) < CFG_DROPOUT
         context[drop] = empty
-        sigma = pretraining_sigmas(g, BATCH_SIZE, x0.shape[2])  # [B, F]
+        sigma = pretraining_sigmas(g, step, BATCH_SIZE, x0.shape[2])  # [B] or [B, F]
         eps = torch.randn(x0.shape, generator=g)
-        x_t = add_noise(x0, eps, sigma[:, None, :, None, None])
-        # diffusers' Wan takes a timestep per token: [B, F * tokens per frame]
-        timestep = (sigma * NUM_TRAIN_TIMESTEPS).repeat_interleave(tokens_per_frame, dim=1)
+        per_frame = sigma.ndim == 2
+        x_t = add_noise(x0, eps, sigma[:, None, :, None, None] if per_frame else sigma.view(-1, 1, 1, 1, 1))
+        timestep = sigma * NUM_TRAIN_TIMESTEPS
+        if per_frame:  # diffusers' Wan takes a timestep per token: [B, F * tokens per frame]
+            timestep = timestep.repeat_interleave(tokens_per_frame, dim=1)
         v = transformer(x_t, timestep, context, return_dict=False)[0]
         loss = (v - (eps - x0)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
