@@ -19,18 +19,19 @@ tests and bench.py (RANDOM_MODELS) are built the same way. What the demo builds:
   statistics, used as Wan's are. codec_encode/codec_decode are its closed form (the build and the detection
   rates use them: the VAE itself takes seconds per video on a CPU).
 - A seeded flow-matching pre-training (Wan's parameterisation: x_t = (1-s)x0 + s*eps, target v = eps - x0,
-  uniform s; every 4th step one s per latent frame) of a 64-wide teacher transformer on the
-  normalised latents, with 10% of prompts replaced by the empty prompt so classifier-free guidance has an
-  unconditional model. The student is a copy of the
-  teacher's weights, not a smaller model: Self-Forcing's ODE initialisation (CausVid's process) regresses
-  Wan2.1-T2V-1.3B's trajectories into a student that starts from that model, and the demo then shows
-  distillation alone, the same network taught the teacher's guided 48-step result in a few unguided steps.
+  uniform s; every 4th step one s per latent frame) of a 64-wide teacher transformer on the normalised
+  latents, with 10% of prompts replaced by the empty prompt so classifier-free guidance has an unconditional
+  model. The student is a copy of the teacher's weights, not a smaller model: Self-Forcing's ODE
+  initialisation (CausVid's process) regresses Wan2.1-T2V-1.3B's trajectories into a student that starts from
+  that model, and the demo then shows distillation alone, the same network taught the teacher's guided 48-step
+  result in a few unguided steps.
 
 detect(video) reads the colour, shape and direction a decoded video shows; `--detect CACHE` prints how often
 the cached teacher samples show the prompted ones (docs/tiny_demo.md has the figures).
 
 Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD
-scripts and export.py expect. The build is deterministic given the seed on a given machine (it runs BUILD_THREADS threads).
+scripts and export.py expect. The build is deterministic given the seed on a given machine (it always runs
+BUILD_THREADS threads).
 """
 
 import argparse
@@ -490,8 +491,9 @@ def prompt_embeddings(encoder, tokenizer, prompts):
 
 
 def pretraining_sigmas(generator, step, batch, frames):
-    """[batch] noise levels, uniform, one per video; every FRAME_NOISE_EVERY-th step [batch, frames], one per
-    latent frame (as a timestep per token, diffusers' Wan costs more, hence whole steps rather than videos)."""
+    """[batch] uniform noise levels, one per video; on every FRAME_NOISE_EVERY-th step [batch, frames], one per
+    latent frame (a timestep per token makes diffusers' Wan slower, hence whole steps, not a share of each batch).
+    """
     if (step + 1) % FRAME_NOISE_EVERY:
         return torch.rand(batch, generator=generator)
     return torch.rand(batch, frames, generator=generator)
