@@ -155,32 +155,30 @@ def verified_tensor(tensor, expected, path, what):
     return tensor
 
 
+def read_verified(path, read, what="cache file"):
+    """read(f, metadata) of the safetensors file at `path` open as f, its metadata checksum-verified; any failure
+    to read it becomes one CacheError naming the file (safetensors raises several types for truncated or garbled
+    files)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return read(f, verified_metadata(f.metadata() or {}, path))
+    except CacheError:
+        raise
+    except Exception as e:
+        raise CacheError(f"cannot read {what} {path}: {type(e).__name__}: {one_line(e)}; "
+                         f"{REGENERATE_HINT}") from None
+
+
 def read_negative_embeds(cache_dir):
     """prompt_embeds [L, D] of the CFG negative prompt, CRC32-verified (CacheError naming the file)."""
     path = negative_embeds_path(cache_dir)
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = verified_metadata(f.metadata() or {}, path)
-            return verified_tensor(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path,
-                                   "prompt_embeds")
-    except CacheError:
-        raise
-    except Exception as e:  # safetensors raises several types for truncated or garbled files
-        raise CacheError(f"cannot read cache file {path}: {type(e).__name__}: {one_line(e)}; "
-                         f"{REGENERATE_HINT}") from None
+    return read_verified(path, lambda f, metadata: verified_tensor(
+        f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path, "prompt_embeds"))
 
 
 def read_prompt(cache_dir, index):
     """The prompt of cached sample `index`, from its checksummed metadata (CacheError naming the file)."""
-    path = sample_path(cache_dir, index)
-    try:
-        with safe_open(path, framework="pt") as f:
-            return verified_metadata(f.metadata() or {}, path)["prompt"]
-    except CacheError:
-        raise
-    except Exception as e:  # safetensors raises several types for truncated or garbled files
-        raise CacheError(f"cannot read cache file {path}: {type(e).__name__}: {one_line(e)}; "
-                         f"{REGENERATE_HINT}") from None
+    return read_verified(sample_path(cache_dir, index), lambda f, metadata: metadata["prompt"])
 
 
 def negative_embeds_problem(cache_dir):

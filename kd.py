@@ -29,13 +29,12 @@ import warnings
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import safe_open
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from atomic_files import make_dirs, write_json_atomic, write_lines
-from cache_format import (REGENERATE_HINT, open_cache, read_negative_embeds, read_prompt, sample_path,
-                          verified_metadata, verified_tensor)
+from cache_format import (open_cache, read_negative_embeds, read_prompt, read_verified, sample_path,
+                          verified_tensor)
 from checkpoints import checkpoint_to_resume, has_ema, load_checkpoint, save_checkpoint
 from config import check_paths, config_from_argv, plain
 from distributed import barrier, free_device_memory, init_distributed, shutdown_distributed
@@ -45,6 +44,7 @@ from flow_matching import add_noise, conditioning_timesteps, teacher_grid, x0_fr
 from generate_cache import generate_cache
 from models import compute_dtype, has_vae, load_transformer, load_vae
 from previews import write_previews
+from run_logs import read_references, reference_path, trim_logs
 from teacher import pad_embeds, teacher_k_step
 from tiny_demo import build_missing_models
 from wan_student import accept_frame_timesteps, make_block_causal
@@ -69,32 +69,31 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         """The item of (sample index, per-frame step indices [F]); each slice read is checked (CacheError)."""
         index, steps = key
         path = sample_path(self.cache_dir, index)
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = verified_metadata(f.metadata() or {}, path)
-                crcs = json.loads(metadata["crc32_latents"])  # [K+1][F]
-                latents = f.get_slice("latents")  # [K+1, C, F, H, W] on disk
-                runs, start = [], 0
-                for end in range(1, len(steps) + 1):  # consecutive frames drawing the same state: one slice
-                    if end == len(steps) or steps[end] != steps[start]:
-                        runs.append(latents[self.positions[steps[start]], :, start:end])
-                        start = end
-                x_t = torch.cat(runs, dim=1)  # [C, F, H, W]
-                x0 = latents[-1]  # [C, F, H, W]
-                embeds = verified_tensor(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path,
-                                         "prompt_embeds")
-                verified_tensor(f.get_tensor("timesteps"), metadata["crc32_timesteps"], path, "timesteps")
-            for frame, step in enumerate(steps):
-                state = self.positions[step]
-                verified_tensor(x_t[:, frame], crcs[state][frame], path, f"latents[{state}, :, {frame}]")
-                verified_tensor(x0[:, frame], crcs[-1][frame], path, f"latents[-1, :, {frame}]")
-        except CacheError:
-            raise
-        except Exception as e:
-            raise CacheError(f"cannot read cached sample {path}: {type(e).__name__}: {one_line(e)}; "
-                             f"{REGENERATE_HINT}") from None
+        x_t, x0, embeds = read_verified(path, lambda f, metadata: self.read_states(f, metadata, steps, path),
+                                        "cached sample")
         return {"x_t": x_t, "x0": x0, "prompt_embeds": pad_embeds(embeds, self.max_len),
                 "steps": torch.tensor(steps), "index": index}
+
+    def read_states(self, f, metadata, steps, path):
+        """(x_t [C, F, H, W], x0 [C, F, H, W], prompt embeddings [L, D]) from the open file f, each read checked
+        against its CRC32."""
+        crcs = json.loads(metadata["crc32_latents"])  # [K+1][F]
+        latents = f.get_slice("latents")  # [K+1, C, F, H, W] on disk
+        runs, start = [], 0
+        for end in range(1, len(steps) + 1):  # consecutive frames drawing the same state: one slice
+            if end == len(steps) or steps[end] != steps[start]:
+                runs.append(latents[self.positions[steps[start]], :, start:end])
+                start = end
+        x_t = torch.cat(runs, dim=1)  # [C, F, H, W]
+        x0 = latents[-1]  # [C, F, H, W]
+        embeds = verified_tensor(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path,
+                                 "prompt_embeds")
+        verified_tensor(f.get_tensor("timesteps"), metadata["crc32_timesteps"], path, "timesteps")
+        for frame, step in enumerate(steps):
+            state = self.positions[step]
+            verified_tensor(x_t[:, frame], crcs[state][frame], path, f"latents[{state}, :, {frame}]")
+            verified_tensor(x0[:, frame], crcs[-1][frame], path, f"latents[-1, :, {frame}]")
+        return x_t, x0, embeds
 
     def __getitems__(self, keys):
         """A DataLoader batch; a CacheError comes back as data, [{"error": message}], so that the training
@@ -655,7 +654,7 @@ def lr_lambda(t):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Beside the trainer: the eval's references (the teacher's own K-step sampling, the untrained student), logs
+# Beside the trainer: the eval's references (the teacher's own K-step sampling, the untrained student)
 
 
 def teacher_k_step_samples(cfg, indices, load_sample, sigmas, max_len, device):
@@ -680,39 +679,6 @@ def rollout_error(x0_of, indices, load_sample, rank, world_size, device):
         total += (x0_of[index] - load_sample(index)[1]).pow(2).mean().double()
     dist.all_reduce(total)
     return total.item() / len(indices)
-
-
-def reference_path(output_dir):
-    """eval_reference.json: the rollout errors the student is compared with, measured once per run."""
-    return os.path.join(output_dir, "eval_reference.json")
-
-
-def read_references(output_dir):
-    """{untrained, teacher: rollout error} measured by an earlier start of this run, or {}."""
-    if not os.path.exists(reference_path(output_dir)):
-        return {}
-    with open(reference_path(output_dir)) as f:
-        return json.load(f)
-
-
-def trim_logs(output_dir, step, rank):
-    """Drop the log lines past `step`: a killed or failed run logged them after its last checkpoint (or before
-    its first), and they are logged again from here."""
-    if rank != 0:
-        return
-    for name in ("metrics.jsonl", "eval.jsonl"):
-        path = os.path.join(output_dir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                write_lines(path, [line for line in f if logged_step(line) <= step])
-
-
-def logged_step(line):
-    """The step of a metrics.jsonl / eval.jsonl line; a blank or torn line (a write cut short) sorts last."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def main(argv, trainer_cls=KDTrainer):
