@@ -85,10 +85,9 @@ def cache_difference(cache, reference):
     names = sorted(os.listdir(os.path.join(reference, "samples")))
     if sorted(os.listdir(os.path.join(cache, "samples"))) != names:
         raise ValueError(f"{cache} and {reference} hold different sample files")
-    for name in ("metadata.json",):
-        with open(os.path.join(cache, name)) as a, open(os.path.join(reference, name)) as b:
-            if json.load(a) != json.load(b):
-                raise ValueError(f"{cache} and {reference} have different {name}")
+    with open(os.path.join(cache, "metadata.json")) as a, open(os.path.join(reference, "metadata.json")) as b:
+        if json.load(a) != json.load(b):
+            raise ValueError(f"{cache} and {reference} have different metadata.json")
     worst = 0.0
     for name in names:
         with (safe_open(os.path.join(cache, "samples", name), framework="pt") as a,
