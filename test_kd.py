@@ -1,6 +1,8 @@
 """The specification, as tests. Run from the repository root: `python -m pytest -q test_kd.py`."""
 
 import ast
+import contextlib
+import io
 import json
 import math
 import os
@@ -49,7 +51,9 @@ def read_sample(path):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-def assert_same_cache(a, b):
+def assert_same_cache(a, b, metadata_but=()):
+    """Caches a and b hold the same files, tensors and metadata (metadata.json but the fields `metadata_but`).
+    """
     names_a = sorted(os.listdir(Path(a) / "samples"))
     assert names_a == sorted(os.listdir(Path(b) / "samples"))
     for name in names_a:
@@ -58,14 +62,29 @@ def assert_same_cache(a, b):
         assert ma == mb, name
         for key in ta:
             assert torch.equal(ta[key], tb[key]), f"{name}:{key}"
-    assert (json.loads((Path(a) / "metadata.json").read_text())
-            == json.loads((Path(b) / "metadata.json").read_text()))
+    fingerprints = [{k: v for k, v in json.loads((Path(c) / "metadata.json").read_text()).items()
+                     if k not in metadata_but} for c in (a, b)]
+    assert fingerprints[0] == fingerprints[1]
     assert (Path(a) / "COMPLETE").exists() and (Path(b) / "COMPLETE").exists()
 
 
 def read_jsonl(path, drop=("samples_per_s",)):
     return [{k: v for k, v in json.loads(line).items() if k not in drop}
             for line in Path(path).read_text().splitlines()]
+
+
+def run_cli_in_process(main, *args):
+    """(exit status, stdout, stderr) of a script's `main` run on `args` as its command line runs it (run_cli),
+    in this process as a world of one: what a one-rank subprocess would print, without its seconds of imports.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            errors.run_cli(main, [str(a) for a in args])
+            status = 0
+        except SystemExit as e:
+            status = e.code
+    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -656,21 +675,16 @@ def test_a_run_killed_part_way_then_rerun_equals_an_uninterrupted_run(tmp_path, 
     assert_same_cache(cache, reference_cache)
 
 
-def test_two_rank_torchrun_cache_equals_the_single_process_cache(tmp_path, reference_cache):
-    cache = tmp_path / "cache"
-    proc = run_script("generate_cache.py", TINY, *tiny_overrides(cache, "data.num_samples=6"), ranks=2)
+def test_two_rank_torchrun_cache_equals_the_single_process_cache_and_builds_a_missing_tiny_model_whole(
+        tmp_path, reference_cache):
+    # the random teacher, not built yet here, is built under torchrun: transformers writes weights only on rank
+    # 0 of an initialised process group, and every rank must still get them
+    cache, teacher = tmp_path / "cache", tmp_path / "wan-tiny-teacher"
+    proc = run_script("generate_cache.py", TINY, *tiny_overrides(cache, "data.num_samples=6",
+                                                                 f"models.teacher.init_from={teacher}"), ranks=2)
     assert "complete: 6 samples written" in proc.stdout
-    assert_same_cache(cache, reference_cache)
-
-
-def test_tiny_models_created_under_torchrun_are_complete(tmp_path):
-    # transformers writes weights only on rank 0 of an initialised process group;
-    # every rank must still get them
-    teacher = tmp_path / "wan-tiny-teacher"
-    run_script("generate_cache.py", TINY, *tiny_overrides(tmp_path / "cache", "data.num_samples=2",
-                                                          f"models.teacher.init_from={teacher}"), ranks=2)
     assert sorted(os.listdir(teacher / "text_encoder")) == ["config.json", "model.safetensors"]
-    assert (tmp_path / "cache" / "COMPLETE").exists()
+    assert_same_cache(cache, reference_cache, metadata_but=("teacher",))  # the same seeded weights
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -763,11 +777,10 @@ def test_a_training_run_on_a_cache_with_a_deleted_file_refuses_in_one_line_namin
     cache = tmp_path / "cache"
     shutil.copytree(reference_cache, cache)
     Path(cache_format.sample_path(cache, 4)).unlink()
-    proc = run_script("kd.py", TINY, *tiny_overrides(cache, "data.num_samples=6",
-                                                     f"training.output_dir={tmp_path}/r",
-                                                     "training.eval_samples=2"), check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    status, _, stderr = run_cli_in_process(kd.main, TINY, *tiny_overrides(
+        cache, "data.num_samples=6", f"training.output_dir={tmp_path}/r", "training.eval_samples=2"))
+    assert status == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
         f"error: 1 cached sample file(s) are missing ({cache_format.sample_path(cache, 4)}); rerun "
         "generate_cache.py with the same config to regenerate them")
 
@@ -907,11 +920,11 @@ def test_a_tiny_two_rank_run_learns_and_beats_the_untrained_student(uninterrupte
 
 
 def test_missing_cache_without_a_teacher_is_the_seed_error(tmp_path):
-    proc = run_script("kd.py", TINY, *train_overrides(tmp_path / "nocache", tmp_path / "run",
-                                                      "models.teacher=null"), check=False)
-    assert proc.returncode == 2
-    assert f"Teacher path cache at {tmp_path / 'nocache'} is incomplete" in proc.stderr
-    assert "add a 'teacher' entry under 'models:' or provide a complete cache" in proc.stderr
+    status, _, stderr = run_cli_in_process(kd.main, TINY, *train_overrides(tmp_path / "nocache", tmp_path / "run",
+                                                                          "models.teacher=null"))
+    assert status == 2
+    assert f"Teacher path cache at {tmp_path / 'nocache'} is incomplete" in stderr
+    assert "add a 'teacher' entry under 'models:' or provide a complete cache" in stderr
 
 
 def test_missing_cache_with_a_teacher_is_generated_and_the_teacher_freed_before_the_student(tmp_path,
@@ -979,11 +992,10 @@ def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_bit_for_bi
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_without_saving(kd_cache, tmp_path):
     out = tmp_path / "run"
-    proc = run_script("kd.py", TINY, *train_overrides(kd_cache, out, "training.lr=1e30",
-                                                       "training.warmup_steps=0",
-                                                       "training.checkpoint_every=1"), check=False)
-    assert proc.returncode == 2
-    assert "non-finite loss" in proc.stderr and "at step 2;" in proc.stderr
+    status, _, stderr = run_cli_in_process(kd.main, TINY, *train_overrides(
+        kd_cache, out, "training.lr=1e30", "training.warmup_steps=0", "training.checkpoint_every=1"))
+    assert status == 2
+    assert "non-finite loss" in stderr and "at step 2;" in stderr
     assert ((out / "checkpoint-1").exists()
             and not [p for p in os.listdir(out) if p.startswith("checkpoint-2")])
 
@@ -993,10 +1005,10 @@ def test_a_restart_without_a_checkpoint_drops_the_log_lines_of_the_run_that_fail
     out.mkdir()
     stale = [json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (1, 2, 3, 4)]
     (out / "metrics.jsonl").write_text("".join(stale) + '{"step": 5, "lo')  # a line cut short by a full disk
-    run_script("kd.py", TINY, *tiny_overrides(reference_cache, "data.num_samples=6",
-                                              f"training.output_dir={out}",
-                                              "training.max_steps=3", "training.log_every=1",
-                                              "training.eval_samples=2", "training.num_workers=0"))
+    status, _, stderr = run_cli_in_process(kd.main, TINY, *tiny_overrides(
+        reference_cache, "data.num_samples=6", f"training.output_dir={out}", "training.max_steps=3",
+        "training.log_every=1", "training.eval_samples=2", "training.num_workers=0"))
+    assert status == 0, stderr
     logged = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in logged] == [1, 2, 3] and all(m["loss"] < 1 for m in logged)
 
@@ -1103,7 +1115,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_student):
 
 def test_a_tiny_causal_run_on_the_same_cache_learns(kd_cache, tmp_path):
     out = tmp_path / "run"
-    overrides = train_overrides(kd_cache, out, "training.max_steps=60", "training.eval_every=60")
+    overrides = train_overrides(kd_cache, out, "training.max_steps=60", "training.eval_every=60",
+                                "method.num_frames_per_block=4")  # 6 latent frames: a partial last block
     proc = run_script("kd_causal.py", REPO / "configs" / "tiny_causal.yaml", *overrides, ranks=2)
     losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
     assert sum(losses[-15:]) / 15 < 0.6 * sum(losses[:15]) / 15
@@ -1252,13 +1265,15 @@ def test_the_ema_follows_the_hand_computed_sequence_and_swaps_in_and_out_exactly
 
 def test_turning_the_ema_on_when_resuming_starts_it_from_the_resumed_weights(kd_cache, tmp_path):
     out = tmp_path / "run"
-    run_script("kd.py", TINY, *train_overrides(kd_cache, out, "training.max_steps=3", "training.ema_decay=0",
-                                               "training.checkpoint_every=3", "training.num_workers=0"), ranks=1)
+    status, _, stderr = run_cli_in_process(kd.main, TINY, *train_overrides(
+        kd_cache, out, "training.max_steps=3", "training.ema_decay=0", "training.checkpoint_every=3",
+        "training.num_workers=0"))
+    assert status == 0, stderr
     assert not checkpoints.has_ema(str(out / "checkpoint-3"))
-    proc = run_script("kd.py", TINY, *train_overrides(kd_cache, out, "training.max_steps=4",
-                                                      "training.ema_decay=0.5", "training.ema_start_step=0",
-                                                      "training.num_workers=0"), ranks=1)
-    assert "holds no EMA" in proc.stdout + proc.stderr
+    status, stdout, stderr = run_cli_in_process(kd.main, TINY, *train_overrides(
+        kd_cache, out, "training.max_steps=4", "training.ema_decay=0.5", "training.ema_start_step=0",
+        "training.num_workers=0"))
+    assert status == 0 and "holds no EMA" in stdout + stderr
     import export
 
     ema, before = checkpoint_ema(out / "checkpoint-4"), export.load_checkpoint_student(
@@ -1282,10 +1297,10 @@ def checkpoint_ema(path):
 # Previews and the tiny demo
 
 
-DEMO_TEACHER = REPO / "tiny_models" / "wan-tiny-demo-teacher"
+DEMO_TEACHER = REPO / "demo_models" / "wan-tiny-demo-teacher"
 
 
-DEMO_STUDENT = REPO / "tiny_models" / "wan-tiny-demo-student"
+DEMO_STUDENT = REPO / "demo_models" / "wan-tiny-demo-student"
 
 
 def read_png(path):
@@ -1302,8 +1317,8 @@ def test_the_codec_vae_round_trips_the_shape_world_exactly():
     videos, _ = tiny_demo.demo_videos(per_prompt=1)
     videos = videos[:3]  # [3, 3, F, H, W]
     vae = tiny_demo.codec_vae()
-    latents = tiny_demo.encode(vae, videos)  # [3, 16, 6, 8, 8]
-    assert latents.shape == (3, 16, 6, 8, 8)
+    latents = tiny_demo.encode(vae, videos)  # [3, 16, 3, 8, 8]
+    assert latents.shape == (3, 16, tiny_demo.LATENT_FRAMES, 8, 8)
     assert (tiny_demo.codec_encode(videos) - latents).abs().max() < 1e-3  # the closed form the build uses
     with torch.no_grad():
         decoded = vae.decode(latents).sample
@@ -1344,13 +1359,15 @@ def test_the_committed_demo_prompts_are_every_colour_shape_and_direction_eight_t
     assert len(tiny_demo.demo_prompts()) == 4 * 2 * 4
 
 
-def test_the_pretrained_demo_teacher_draws_the_prompted_colour_and_shape(demo_run):
+def test_the_shipped_demo_teacher_draws_the_prompted_colour_and_shape_and_moves_it_more_often_than_chance(
+        demo_run):
     out, _ = demo_run
-    # the cache holds the teacher's 48-step x0 (CFG 3) of each prompt; chance: 1/4 and at most 1/2
+    # the cache holds the teacher's 48-step x0 (CFG 3) of each prompt; chance: 1/4, at most 1/2, 1/4
     vae_config = models.load_vae(str(DEMO_STUDENT), torch.device("cpu")).config
     rates, count = tiny_demo.detection_rates(out / "cache", vae_config)
     assert count == 256
-    assert rates["colour"] >= 0.95 and rates["shape"] >= 0.8, rates  # the direction: not learned (docs)
+    assert rates["colour"] >= 0.95 and rates["shape"] >= 0.9, rates
+    assert rates["direction"] >= 0.35, rates  # 44.5% measured: above chance, short of the 80% aimed at (docs)
 
 
 def test_the_demo_run_writes_labelled_previews_of_teacher_and_student_rows(demo_run):
@@ -1416,7 +1433,8 @@ def test_the_preview_strip_is_a_captioned_grid_of_labelled_rows_of_upscaled_fram
     assert layout.width == layout.left + previews.PREVIEW_FRAMES * (128 + previews.GAP)
     assert layout.height == layout.top + num_rows * (128 + previews.GAP)
     for row in range(num_rows):
-        for column, frame in enumerate([0, 5, 10, 15, 20]):
+        last = tiny_demo.NUM_FRAMES - 1
+        for column, frame in enumerate(round(i * last / 4) for i in range(5)):  # evenly spaced, first to last
             assert_tile(image, layout, row, column, videos[row][:, frame])
         y = layout.origin(row, 0)[0]
         assert has_ink(image[y : y + 128, : layout.left - previews.GAP]), f"row {row} has no label"
@@ -1431,7 +1449,7 @@ def test_the_preview_gif_shows_the_rows_side_by_side_under_their_labels_at_every
     previews.write_previews(tmp_path, vae, [(7, list(latents))], ROW_LABELS, {7: prompts[0]})
     layout = previews.gif_layout(3, (64, 64), ROW_LABELS, previews.font(128))
     with Image.open(tmp_path / "sample-7.gif") as gif:
-        assert gif.n_frames == 21 and gif.size == (layout.width, layout.height) and gif.info["loop"] == 0
+        assert gif.n_frames == tiny_demo.NUM_FRAMES and gif.size == (layout.width, layout.height) and gif.info["loop"] == 0
         for f in range(gif.n_frames):
             gif.seek(f)
             image = torch.from_numpy(np.array(gif.convert("RGB")))  # [H, W, 3] uint8
@@ -1466,20 +1484,48 @@ def test_the_codec_closed_form_decode_equals_the_codec_vae(tmp_path):
         assert (tiny_demo.codec_decode(x, vae.config) - previews.decode_latents(vae, x)).abs().max() < 1e-3
 
 
-def test_the_demo_build_is_deterministic(tmp_path):
-    from safetensors.torch import load_file
-
+def test_a_short_rebuild_of_the_demo_models_is_deterministic_and_writes_a_manifest_that_checks(tmp_path):
     builds = []
     for name in ("a", "b"):
-        paths = {model: str(tmp_path / name / model) for model in tiny_demo.DEMO_MODELS}
-        # the same code path, 4 pre-training steps: the last one noises each frame at its own level
-        tiny_demo.build(paths, log=lambda text: None, steps=tiny_demo.FRAME_NOISE_EVERY)
-        builds.append(paths)
-    files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*.safetensors"))
+        # the shipped recipe's code path, 4 pre-training steps: the last one noises each frame at its own level
+        tiny_demo.main(["--rebuild", "--out", str(tmp_path / name), "--steps", str(tiny_demo.FRAME_NOISE_EVERY)])
+        assert tiny_demo.demo_models_problem(str(tmp_path / name)) is None
+        builds.append(json.loads((tmp_path / name / tiny_demo.MANIFEST).read_text()))
+    files = builds[0]["files"]
     assert any("transformer" in f for f in files) and any("vae" in f for f in files)
-    for f in files:
-        first, second = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
-        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), f
+    assert files == builds[1]["files"]  # every file byte for byte (sha256)
+    assert builds[0]["recipe"]["steps"] == tiny_demo.FRAME_NOISE_EVERY
+    teacher, student = (f"wan-tiny-demo-{role}/transformer/diffusion_pytorch_model.safetensors"
+                        for role in ("teacher", "student"))
+    assert files[teacher] == files[student]  # the student is a copy of the teacher
+
+
+def test_the_shipped_demo_models_match_their_manifest_load_and_are_a_few_mib():
+    from diffusers import WanPipeline
+
+    folder = str(REPO / "demo_models")
+    assert tiny_demo.demo_models_problem(folder) is None
+    manifest = json.loads((REPO / "demo_models" / tiny_demo.MANIFEST).read_text())
+    assert manifest["recipe"]["models"] == json.loads(json.dumps(tiny_demo.DEMO_MODELS))  # built as documented
+    assert sum(os.path.getsize(REPO / "demo_models" / f) for f in manifest["files"]) < 8 * 2**20
+    pipe = WanPipeline.from_pretrained(str(DEMO_STUDENT))
+    assert sum(p.numel() for p in pipe.transformer.parameters()) > 100_000
+
+
+def test_a_damaged_or_missing_demo_model_is_one_error_naming_the_file_and_the_rebuild(tmp_path):
+    shutil.copytree(REPO / "demo_models", tmp_path / "demo_models")
+    weights = tmp_path / "demo_models" / "wan-tiny-demo-teacher" / "transformer"
+    weights = weights / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # e.g. a truncated checkout
+    cfg = tiny_config(tmp_path / "cache", f"models.teacher.init_from={tmp_path}/demo_models/wan-tiny-demo-teacher")
+    with pytest.raises(errors.ConfigError, match=rf"{weights} differs from its sha256 .*--rebuild --out"):
+        tiny_demo.build_missing_models(cfg)
+    shutil.rmtree(tmp_path / "demo_models" / "wan-tiny-demo-teacher")
+    with pytest.raises(errors.ConfigError, match="the demo model wan-tiny-demo-teacher is missing"):
+        tiny_demo.build_missing_models(cfg)
+    proc = subprocess.run([sys.executable, "tiny_demo.py", "--out", str(tmp_path / "demo_models")], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is missing" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------

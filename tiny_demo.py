@@ -35,8 +35,10 @@ BUILD_THREADS threads).
 """
 
 import argparse
+import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +48,9 @@ import time
 import torch
 from safetensors import safe_open
 
+import atomic_files
+import errors
+from errors import ConfigError
 from flow_matching import NUM_TRAIN_TIMESTEPS, add_noise
 from teacher import encode_prompt, pad_embeds
 
@@ -64,26 +69,30 @@ DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 BACKGROUND = -0.8  # dark grey, every channel
 FOREGROUND = 0.85  # detect: a cell is foreground when a channel is this far from the background
 MAX_MISMATCH = 2  # detect: cells (of 64) a frame's best shape placement may miss for the frame to show it
-MIN_TRAVEL = 1.0  # detect: cells the shape must move from the first latent frame to the last (the world: 2)
+MIN_TRAVEL = 1.0  # detect: cells the shape must move from the first latent frame to the last (the world: 4)
 # configs/tiny.yaml's video; the Wan VAE's 8x spatial, 4x time
-NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 21, 64, 8, 4
-LATENT_FRAMES, GRID = (NUM_FRAMES - 1) // TIME_FACTOR + 1, SIZE // CELL  # 6, 8
+NUM_FRAMES, SIZE, CELL, TIME_FACTOR = 9, 64, 8, 4
+LATENT_FRAMES, GRID = (NUM_FRAMES - 1) // TIME_FACTOR + 1, SIZE // CELL  # 3, 8
 SHAPE_CELLS = 3
-STEP_FRAMES = 2  # the shape moves one latent cell (8 pixels) every 2 latent frames (8 video frames)
-VIDEOS_PER_PROMPT = 24  # start cells per prompt in the pre-training set: all 24 that keep the shape inside
+# latent cells the shape moves per latent frame (16 pixels per 4 video frames): one 2x2 patch of the teacher's
+# tokens, so that a frame's shape is the previous frame's tokens moved by one token
+SPEED = 2
+VIDEOS_PER_PROMPT = 12  # start cells per prompt in the pre-training set: all 12 that keep the shape inside
 
 TEXT_SEED = 3  # text encoder and the codec's embedding: shared by teacher and student
 DEMO_MODELS = {  # transformer size and pre-training of each demo model, or the model whose weights it copies
     # width 64: a 2x2 patch of 16 latent channels is 64 numbers, and a narrower stream cannot carry the noise
-    "wan-tiny-demo-teacher": dict(layers=4, heads=4, head_dim=16, ffn_dim=128, seed=11, steps=3500),
+    "wan-tiny-demo-teacher": dict(layers=4, heads=4, head_dim=16, ffn_dim=128, seed=11, steps=10000),
     "wan-tiny-demo-student": dict(copy_of="wan-tiny-demo-teacher"),
 }
 # fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
 CFG_DROPOUT = 0.1
-# every 4th pre-training step noises each latent frame at its own sigma (Diffusion Forcing's noise): frames
-# then have to be predicted from each other, as the block-causal demo student runs (docs/tiny_demo.md)
-FRAME_NOISE_EVERY = 4
-BUILD_THREADS = 2  # the build's torch threads, whatever the caller's: the same weights on every start
+# every 2nd pre-training step noises each latent frame at its own sigma, one frame less noisy than the others:
+# frames then have to be predicted from each other (pretraining_sigmas), as the block-causal demo student runs
+FRAME_NOISE_EVERY = 2
+DEMO_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_models")  # shipped, committed
+MANIFEST = "MANIFEST.json"  # in DEMO_FOLDER: each shipped file's sha256 and the recipe that built them
+BUILD_THREADS = 1  # torch threads of the build, whatever the caller's: the same weights on every start
 # configs/tiny.yaml's method.teacher_negative_prompt: what the unconditional model was taught
 NEGATIVE_PROMPT = ""
 BATCH_SIZE, LR = 16, 3e-3
@@ -105,6 +114,7 @@ TWO_EXPERT_MODELS = {  # offline random two-expert pipelines (Wan2.2 A14B's layo
 }
 RANDOM_TINY_SETTINGS = [  # overrides for the random models (configs/tiny.yaml is tuned for the demo models)
     "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
+    "pipeline.num_frames=21",  # 6 latent frames: room for causal blocks and a partial last one
 ]
 REPO = os.path.dirname(os.path.abspath(__file__))
 TEXT_DIM = 32  # d_model of the tiny UMT5 (must be shared by tiny teacher and student)
@@ -192,7 +202,8 @@ def random_tiny_overrides(cache_dir):
 
 
 def build_missing_models(cfg):
-    """Build each tiny model that cfg names and that does not exist yet: the one place the scripts do so.
+    """Build each random tiny model that cfg names and that does not exist yet, and check the shipped demo
+    models it names against their manifest: the one place the scripts do either.
 
     Call it before torch.distributed is initialised (transformers' save_pretrained writes only on rank 0 of a
     process group); ranks and concurrent runs wait for one builder on a file lock.
@@ -203,33 +214,88 @@ def build_missing_models(cfg):
 
 
 def ensure_model_dir(init_from):
-    """`init_from` itself; a missing path named after a tiny model is built first, atomically, by one process.
-
-    The demo models are built together, side by side (they share text encoder, VAE and the encoded data set).
-    """
+    """`init_from` itself; a missing path named after a random tiny model is built first, atomically, by one
+    process; a path named after a demo model must be the shipped (or rebuilt) one, whole (ConfigError)."""
     name = os.path.basename(os.path.normpath(init_from))
-    known = name in RANDOM_MODELS or name in DEMO_MODELS or name in TWO_EXPERT_MODELS
-    if not known or os.path.exists(init_from):
-        return init_from
     folder = os.path.dirname(os.path.normpath(init_from)) or "."
-    group = tuple(DEMO_MODELS) if name in DEMO_MODELS else (name,)
+    if name in DEMO_MODELS:
+        problem = demo_models_problem(folder, (name,))
+        if problem:
+            raise ConfigError(f"{init_from}: {problem}; restore it with `git checkout -- {folder}` or rebuild "
+                              f"it with `python tiny_demo.py --rebuild --out {folder}`")
+        return init_from
+    if name not in RANDOM_MODELS and name not in TWO_EXPERT_MODELS or os.path.exists(init_from):
+        return init_from
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{group[0]}.lock"), "w") as lock:
+    with open(os.path.join(folder, f"{name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # ranks and concurrent runs wait for one builder
-        missing = [n for n in group if not os.path.exists(os.path.join(folder, n))]
-        if name in missing:
-            tmp = {n: os.path.join(folder, f"{n}.tmp{os.getpid()}") for n in missing}
-            for path in tmp.values():
-                shutil.rmtree(path, ignore_errors=True)
-            if name in DEMO_MODELS:
-                build(tmp)
-            elif name in TWO_EXPERT_MODELS:
-                make_random_two_expert_wan(tmp[name], **TWO_EXPERT_MODELS[name])
+        if not os.path.exists(init_from):
+            tmp = os.path.join(folder, f"{name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            if name in TWO_EXPERT_MODELS:
+                make_random_two_expert_wan(tmp, **TWO_EXPERT_MODELS[name])
             else:
-                make_random_wan(tmp[name], **RANDOM_MODELS[name])
-            for n, path in tmp.items():
-                os.rename(path, os.path.join(folder, n))
+                make_random_wan(tmp, **RANDOM_MODELS[name])
+            os.rename(tmp, init_from)
     return init_from
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shipped demo models: their manifest and its check
+
+
+def file_digests(folder, names):
+    """{path relative to folder: sha256 hex} of every file under folder/name for each name."""
+    digests = {}
+    for name in names:
+        for root, _, files in os.walk(os.path.join(folder, name)):
+            for f in files:
+                path = os.path.join(root, f)
+                with open(path, "rb") as fh:
+                    digests[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
+    return dict(sorted(digests.items()))
+
+
+def demo_models_problem(folder, names=tuple(DEMO_MODELS)):
+    """None when folder/MANIFEST (written by --rebuild) lists exactly the files of the named demo models with
+    their sha256; else what is wrong, in a few words."""
+    manifest_path = os.path.join(folder, MANIFEST)
+    missing = [n for n in names if not os.path.isdir(os.path.join(folder, n))]
+    if missing:
+        return f"the demo model {missing[0]} is missing"
+    try:
+        with open(manifest_path) as f:
+            listed = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{manifest_path} is missing or unreadable ({errors.one_line(e)})"
+    wanted = {k: v for k, v in listed.items() if k.split(os.sep)[0] in names}
+    found = file_digests(folder, names)
+    for path in sorted(set(wanted) | set(found)):
+        if path not in found:
+            return f"{os.path.join(folder, path)} is missing"
+        if path not in wanted:
+            return f"{os.path.join(folder, path)} is not in {manifest_path}"
+        if found[path] != wanted[path]:
+            return f"{os.path.join(folder, path)} differs from its sha256 in {manifest_path}"
+    return None
+
+
+def rebuild(folder, steps=None, log=None):
+    """Pre-train the demo models from their seeds into folder (replacing what is there) and write its
+    MANIFEST last: a rebuild killed part way leaves a folder that fails the check, never a mixed one."""
+    log = log or log_line
+    os.makedirs(folder, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, MANIFEST))
+    tmp = {n: os.path.join(folder, f"{n}.tmp{os.getpid()}") for n in DEMO_MODELS}
+    for path in tmp.values():
+        shutil.rmtree(path, ignore_errors=True)
+    recipe = build(tmp, log, steps)
+    for name, path in tmp.items():
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        os.rename(path, os.path.join(folder, name))
+    atomic_files.write_json_atomic(os.path.join(folder, MANIFEST),
+                                   {"recipe": recipe, "files": file_digests(folder, DEMO_MODELS)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,17 +314,15 @@ def parse_prompt(prompt):
 
 
 def shape_cells(direction, start):
-    """Top-left latent cell (row, column) of the shape in each latent frame: one cell further every
-    STEP_FRAMES."""
+    """Top-left latent cell (row, column) of the shape in each latent frame: SPEED cells further each."""
     dr, dc = DIRECTIONS[direction]
-    return [(start[0] + dr * (k // STEP_FRAMES), start[1] + dc * (k // STEP_FRAMES))
-            for k in range(LATENT_FRAMES)]
+    return [(start[0] + dr * SPEED * k, start[1] + dc * SPEED * k) for k in range(LATENT_FRAMES)]
 
 
 def start_cells(direction):
     """Every top-left start cell from which the shape stays inside the frame while it moves."""
     dr, dc = DIRECTIONS[direction]
-    travel = (LATENT_FRAMES - 1) // STEP_FRAMES
+    travel = SPEED * (LATENT_FRAMES - 1)
     last = GRID - SHAPE_CELLS
     rows = range(max(0, -dr * travel), last + 1 - max(0, dr * travel))
     cols = range(max(0, -dc * travel), last + 1 - max(0, dc * travel))
@@ -492,11 +556,18 @@ def prompt_embeddings(encoder, tokenizer, prompts):
 
 def pretraining_sigmas(generator, step, batch, frames):
     """[batch] uniform noise levels, one per video; on every FRAME_NOISE_EVERY-th step [batch, frames], one per
-    latent frame (a timestep per token makes diffusers' Wan slower, hence whole steps, not a share of each batch).
+    latent frame: one frame of each video (the anchor) at a uniform level, the others uniform above it.
+
+    The anchored steps teach what the uniform ones barely reward: where the prompted motion puts a frame's
+    shape, read from a less noisy frame (docs/tiny_demo.md). A timestep per token makes diffusers' Wan slower,
+    hence whole steps rather than a share of each batch.
     """
     if (step + 1) % FRAME_NOISE_EVERY:
         return torch.rand(batch, generator=generator)
-    return torch.rand(batch, frames, generator=generator)
+    anchor = torch.rand(batch, 1, generator=generator)  # [B, 1]
+    sigma = anchor + (1 - anchor) * torch.rand(batch, frames, generator=generator)  # [B, F]
+    sigma[torch.arange(batch), torch.randint(frames, (batch,), generator=generator)] = anchor[:, 0]
+    return sigma
 
 
 def pretrain(transformer, latents, embeds, steps, seed, log=None):
@@ -545,7 +616,7 @@ def build(paths, log=log_line, steps=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)  # torchrun's ranks run one thread each; one rank builds
     try:
-        _build(paths, log, steps)
+        return _build(paths, log, steps)
     finally:
         torch.set_num_threads(threads)
 
@@ -588,6 +659,10 @@ def _build(paths, log, steps):
         WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                     transformer=transformer_of(name)).save_pretrained(path)
         log(f"{name} written to {path} ({time.perf_counter() - start:.0f} s since the start)")
+    return {"models": DEMO_MODELS, "steps": steps or DEMO_MODELS["wan-tiny-demo-teacher"]["steps"],
+            "batch_size": BATCH_SIZE, "lr": LR,
+            "cfg_dropout": CFG_DROPOUT, "frame_noise_every": FRAME_NOISE_EVERY, "threads": BUILD_THREADS,
+            "torch": torch.__version__, "seconds": round(time.perf_counter() - start)}
 
 
 def write_prompts(path, repeats=8, seed=0):
@@ -603,23 +678,28 @@ def write_prompts(path, repeats=8, seed=0):
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="tiny_models", help="folder for the two model directories")
+    parser.add_argument("--out", default=DEMO_FOLDER, help="folder of the two demo model directories")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="pre-train the demo models from their seeds into --out, replacing what is there")
+    parser.add_argument("--steps", type=int, help="with --rebuild: pre-training steps instead of the recipe's")
     parser.add_argument("--detect", metavar="CACHE_DIR",
                         help="instead: print how many cached teacher samples show the prompted colour, shape "
                              "and direction (detect), decoded with the VAE config of the student in --out")
     args = parser.parse_args(argv)
-    paths = [os.path.join(args.out, name) for name in DEMO_MODELS]
     if args.detect:
-        with open(os.path.join(paths[-1], "vae", "config.json")) as f:
+        with open(os.path.join(args.out, "wan-tiny-demo-student", "vae", "config.json")) as f:
             rates, count = detection_rates(args.detect, json.load(f))
         print(f"{args.detect}: {count} samples; the teacher's x0 shows the prompted "
               + ", ".join(f"{key} in {rate:.1%}" for key, rate in rates.items()) + " (chance: 25%, 50%, 25%)")
         return
-    if all(os.path.exists(path) for path in paths):
-        print(f"{' and '.join(paths)} exist; delete them to rebuild")
-    for path in paths:
-        ensure_model_dir(path)
+    if args.rebuild:
+        rebuild(args.out, args.steps)
+    problem = demo_models_problem(args.out)
+    if problem:
+        raise ConfigError(f"{problem}; rebuild with `python tiny_demo.py --rebuild --out {args.out}`")
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in file_digests(args.out, DEMO_MODELS))
+    print(f"{args.out}: {', '.join(DEMO_MODELS)} match {MANIFEST} ({size / 2**20:.1f} MiB of files)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    errors.run_cli(main, sys.argv[1:])
