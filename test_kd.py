@@ -2,6 +2,7 @@
 
 import ast
 import contextlib
+import functools
 import io
 import json
 import math
@@ -550,9 +551,14 @@ def moe_run(tmp_path_factory):
     args = tiny_wan22_overrides(root / "cache", f"training.output_dir={root / 'run'}", "data.num_samples=6",
                                 "training.max_steps=20", "training.eval_every=20", "training.checkpoint_every=20",
                                 "training.num_workers=0", "training.preview_samples=1")
-    proc = run_script("kd.py", TINY_WAN22, *args)
-    run_script("export.py", "--checkpoint", root / "run", "--output-dir", root / "export", "--verify")
-    return root, proc
+    import export
+
+    status, stdout, stderr = run_cli_in_process(kd.main, TINY_WAN22, *args)
+    assert status == 0, stderr
+    status, _, stderr = run_cli_in_process(export.main, "--checkpoint", root / "run", "--output-dir",
+                                           root / "export", "--verify")
+    assert status == 0, stderr
+    return root, subprocess.CompletedProcess([], status, stdout, stderr)
 
 
 def test_a_tiny_two_expert_run_caches_trains_evaluates_and_exports(moe_run):
@@ -663,15 +669,19 @@ def test_a_stale_cache_is_refused_listing_each_differing_field(reference_cache):
     assert "flow_shift" not in msg
 
 
-def test_a_run_killed_part_way_then_rerun_equals_an_uninterrupted_run(tmp_path, reference_cache):
+def test_a_generation_killed_part_way_then_finished_by_two_torchrun_nodes_equals_the_single_process_cache(
+        tmp_path, reference_cache):
     cache = tmp_path / "cache"
-    args = ["generate_cache.py", TINY, *tiny_overrides(cache, "data.num_samples=6")]
-    proc = start(command(args[0], args[1:]))
+    args = [TINY, *tiny_overrides(cache, "data.num_samples=6")]
+    proc = start(command("generate_cache.py", args))
     first = Path(cache_format.sample_path(cache, 0))
     processes.wait_for(first, proc)
     processes.kill(proc)
     assert first.exists() and not (cache / "COMPLETE").exists(), "the kill came too late to test resuming"
-    run_script(*args)
+    # the rerun is a two-node job (static rendezvous): every node takes its stride of the missing samples
+    nodes = processes.run_together(processes.node_commands("generate_cache.py", args, 2, "static"))
+    assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-2000:] for node in nodes]
+    assert "samples written" in nodes[0].stdout and "on 2 rank(s)" in nodes[0].stdout
     assert_same_cache(cache, reference_cache)
 
 
@@ -971,17 +981,21 @@ def test_missing_cache_with_a_teacher_is_generated_and_the_teacher_freed_before_
 # KD training: resuming and stopping
 
 
-def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_bit_for_bit(kd_cache, uninterrupted_run,
-                                                                                   tmp_path):
+def test_a_killed_run_resumed_by_two_torchrun_nodes_reproduces_the_two_rank_losses_bit_for_bit(
+        kd_cache, uninterrupted_run, tmp_path):
     out = tmp_path / "run"
-    proc = start(command("kd.py", [TINY, *train_overrides(kd_cache, out)], ranks=2))
+    args = [TINY, *train_overrides(kd_cache, out)]
+    proc = start(command("kd.py", args, ranks=2))
     processes.wait_for(out / "checkpoint-25", proc)
     processes.kill(proc)
     assert (out / "checkpoint-25").exists() and not (out / "checkpoint-100").exists(), "kill came too late"
     (out / "checkpoint-90.tmp").mkdir()  # an interrupted save is ignored (and cleaned up)
     (out / "checkpoint-90.tmp" / ".metadata").write_bytes(b"garbage")
-    resumed = run_script("kd.py", TINY, *train_overrides(kd_cache, out), ranks=2)
-    assert "resumed from" in resumed.stdout + resumed.stderr and not (out / "checkpoint-90.tmp").exists()
+    # resumed as a two-node job (c10d rendezvous): the rest of the run equals two ranks on one node, step for step
+    nodes = processes.run_together(processes.node_commands("kd.py", args, 2, "c10d"))
+    assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-2000:] for node in nodes]
+    assert "resumed from" in "".join(n.stdout + n.stderr for n in nodes)
+    assert not (out / "checkpoint-90.tmp").exists()
     reference = uninterrupted_run[0]
     assert read_jsonl(out / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
     assert read_jsonl(out / "eval.jsonl") == read_jsonl(reference / "eval.jsonl")
@@ -1848,10 +1862,14 @@ def test_a_causal_kd_run_trains_on_an_imported_cache_and_a_t_list_off_its_grid_i
                                 "training.eval_samples=2", "training.num_workers=0", "training.previews=false",
                                 "models.student.attention=block_causal", f"training.output_dir={out}")
     lmdb_pairs.import_pairs(config.load_config(TINY, overrides), str(tmp_path / "pairs"), grid, "self_forcing")
-    proc = run_script("kd_causal.py", TINY, *overrides)  # kd.py's trainer with per-block timesteps
+    import kd_causal
+
+    causal_main = functools.partial(kd.main, trainer_cls=kd_causal.CausalKDTrainer)  # what kd_causal.py runs
+    status, stdout, stderr = run_cli_in_process(causal_main, TINY, *overrides)
+    assert status == 0, stderr
     losses = [line["loss"] for line in read_jsonl(out / "metrics.jsonl")]
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
-    assert "teacher 4-step n/a (no teacher configured)" in proc.stdout + proc.stderr
+    assert "teacher 4-step n/a (no teacher configured)" in stdout + stderr
     assert "rollout_error_teacher" not in read_jsonl(out / "eval.jsonl")[-1]
     with pytest.raises(errors.ConfigError, match=r"entry 937 is .* from the teacher's grid \(48 steps, flow_shift "
                                                  r"8.0\); nearest grid values"):
@@ -2005,25 +2023,6 @@ def test_a_node_that_fails_ends_its_peers_instead_of_leaving_them_waiting_for_th
     assert [node.returncode for node in nodes] == [-signal.SIGKILL, 3]
     with pytest.raises(TimeoutError, match="ran past 1 s"):
         processes.run_together([sleeper], timeout=1)
-
-
-def test_two_torchrun_nodes_write_the_single_process_cache(tmp_path, reference_cache):
-    cache = tmp_path / "cache"
-    args = [TINY, *tiny_overrides(cache, "data.num_samples=6")]
-    nodes = processes.run_together(processes.node_commands("generate_cache.py", args, 2, "static"))
-    assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-2000:] for node in nodes]
-    assert "complete: 6 samples written" in nodes[0].stdout and "on 2 rank(s)" in nodes[0].stdout
-    assert_same_cache(cache, reference_cache)
-
-
-def test_two_torchrun_nodes_train_exactly_as_two_ranks_on_one_node(tmp_path, kd_cache, uninterrupted_run):
-    out = tmp_path / "run"
-    args = [TINY, *train_overrides(kd_cache, out)]
-    nodes = processes.run_together(processes.node_commands("kd.py", args, 2, "c10d"))
-    assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-2000:] for node in nodes]
-    reference = uninterrupted_run[0]
-    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
-    assert read_jsonl(out / "eval.jsonl") == read_jsonl(reference / "eval.jsonl")
 
 
 def test_the_gpu_check_at_smoke_size_runs_every_stage_and_writes_one_documented_table(tmp_path):
