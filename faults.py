@@ -22,6 +22,7 @@ trial lost or corrupted something or a bad input did not end in a clear error.
 """
 
 import argparse
+import concurrent.futures
 import copy
 import json
 import os
@@ -708,10 +709,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one or two trials per scenario (CI)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random moments, files and mutations")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    parser.add_argument("--jobs", type=int, default=2, help="scenarios run at a time (default 2: two cores)")
     args = parser.parse_args()
     trials = dict(gen=1, train=1, corrupt=1, disk=2, fuzz=300, nan=1) if args.quick else \
         dict(gen=10, train=12, corrupt=12, disk=12, fuzz=1000, nan=10)
-    rng = random.Random(args.seed)
     os.chdir(REPO)  # the shipped configs name their paths relative to the repository
     sys.path.insert(0, str(REPO))
     import torch
@@ -720,7 +721,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="faults-"))
     began = time.time()
     try:
-        outcomes = campaign(trials, rng, work, quick=args.quick)
+        outcomes = campaign(trials, args.seed, work, args.quick, args.jobs)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -747,7 +748,7 @@ def quietly(function, *args):
         return function(*args)
 
 
-def campaign(trials, rng, work, quick):
+def campaign(trials, seed, work, quick, jobs):
     print("uninterrupted references ...", flush=True)
     began = time.time()
     reference = work / "reference_cache"
@@ -760,17 +761,23 @@ def campaign(trials, rng, work, quick):
         references[ranks] = (out, seconds)
     tmpfs = SmallDisk.available(work)
     print(f"  ({time.time() - began:.0f} s)", flush=True)
-    scenarios = [lambda: config_fuzz(trials["fuzz"], rng, work),
-                 lambda: generation_kills(trials["gen"], rng, work, reference, write_seconds),
-                 lambda: training_kills(trials["train"], rng, work, reference, references),
-                 lambda: cache_corruptions(trials["corrupt"], rng, work, reference),
-                 lambda: disk_full(trials["disk"], rng, work, reference, references[1][0], tmpfs),
-                 lambda: non_finite(trials["nan"], rng, work, reference)]
-    outcomes = []
-    for scenario in scenarios:
+    scenarios = [lambda rng: config_fuzz(trials["fuzz"], rng, work),
+                 lambda rng: generation_kills(trials["gen"], rng, work, reference, write_seconds),
+                 lambda rng: training_kills(trials["train"], rng, work, reference, references),
+                 lambda rng: cache_corruptions(trials["corrupt"], rng, work, reference),
+                 lambda rng: disk_full(trials["disk"], rng, work, reference, references[1][0], tmpfs),
+                 lambda rng: non_finite(trials["nan"], rng, work, reference)]
+
+    def timed(index):
         began = time.time()
-        outcomes.append(scenario())
-        print(f"  ({outcomes[-1].scenario[:2]} took {time.time() - began:.0f} s)", flush=True)
+        # a generator per scenario: its draws do not depend on which scenarios run beside it
+        outcome = scenarios[index](random.Random(seed * len(scenarios) + index))
+        print(f"  ({outcome.scenario[:2]} took {time.time() - began:.0f} s)", flush=True)
+        return outcome
+
+    # most runs of a scenario are one process, so `jobs` scenarios at a time keep `jobs` cores busy
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        outcomes = list(pool.map(timed, range(len(scenarios))))
     return sorted(outcomes, key=lambda o: o.scenario)
 
 
