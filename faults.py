@@ -2,6 +2,7 @@
 
     python faults.py            # full mode: 10+ trials per scenario (about 15 minutes on 2 CPU cores)
     python faults.py --quick    # CI: one or two trials per scenario (about a minute)
+    python faults.py --jobs 1   # one scenario at a time (default 2: two scenarios keep two cores busy)
 
 1. generation killed with SIGKILL at a random moment (1 and 2 ranks), then rerun: the cache equals an
    uninterrupted run's, tensor for tensor, and no temporary file remains;

@@ -1,16 +1,18 @@
-"""The tiny demo: a tiny Wan teacher that has learned something worth distilling, on CPU in a few minutes.
+"""The tiny demo: a tiny Wan teacher that has learned something worth distilling, shipped in demo_models/.
 
-    python tiny_demo.py                         # builds tiny_models/wan-tiny-demo-teacher and -student
-    python tiny_demo.py --out DIR               # elsewhere
+    python tiny_demo.py                         # check demo_models/ against its MANIFEST.json
+    python tiny_demo.py --rebuild               # retrain the demo teacher and student from their seeds (8 min)
+    python tiny_demo.py --rebuild --out DIR --steps 4   # a short rebuild elsewhere
     python tiny_demo.py --detect cache/tiny     # what the teacher draws: prompted colour, shape, direction
 
-configs/tiny.yaml uses these models, and the scripts' entry points build them on first use
-(build_missing_models), so the README's tiny command needs no separate step. The random tiny models of the
-tests and bench.py (RANDOM_MODELS) are built the same way. What the demo builds:
+configs/tiny.yaml uses the shipped models; the scripts' entry points check them against the manifest before use
+(build_missing_models), and build the random tiny models of the tests and bench.py (RANDOM_MODELS) on first use.
+What the demo is made of:
 
 - A procedural video world: one coloured shape (4 colours x 2 shapes, 3x3 cells of 8 pixels) on a dark 64x64
-  frame, 21 frames, moving one cell every 2 latent frames in one of 4 directions; the prompt names all three
-  ("a red square moving left"). The pre-training set holds every start cell of every prompt (768 videos).
+  frame, 9 frames (3 latent frames), moving 2 cells per latent frame in one of 4 directions; the prompt names
+  all three ("a red square moving left"). The pre-training set holds every start cell of every prompt (384
+  videos).
 - A latent codec packaged as a real diffusers `AutoencoderKLWan` (what WanPipeline and the previews load):
   fixed weights that average each 8x8 pixel block over its 4 frames (the first frame alone, as Wan's causal
   VAE does) and embed its RGB, minus the background, in the 16 latent channels through a fixed orthonormal
@@ -19,19 +21,19 @@ tests and bench.py (RANDOM_MODELS) are built the same way. What the demo builds:
   statistics, used as Wan's are. codec_encode/codec_decode are its closed form (the build and the detection
   rates use them: the VAE itself takes seconds per video on a CPU).
 - A seeded flow-matching pre-training (Wan's parameterisation: x_t = (1-s)x0 + s*eps, target v = eps - x0,
-  uniform s; every 4th step one s per latent frame) of a 64-wide teacher transformer on the normalised
-  latents, with 10% of prompts replaced by the empty prompt so classifier-free guidance has an unconditional
-  model. The student is a copy of the teacher's weights, not a smaller model: Self-Forcing's ODE
-  initialisation (CausVid's process) regresses Wan2.1-T2V-1.3B's trajectories into a student that starts from
-  that model, and the demo then shows distillation alone, the same network taught the teacher's guided 48-step
-  result in a few unguided steps.
+  uniform s; every 2nd step one s per latent frame, anchored: see pretraining_sigmas) of a 64-wide teacher
+  transformer on the normalised latents, with 10% of prompts replaced by the empty prompt so classifier-free
+  guidance has an unconditional model. The student is a copy of the teacher's weights, not a smaller model:
+  Self-Forcing's ODE initialisation (CausVid's process) regresses Wan2.1-T2V-1.3B's trajectories into a
+  student that starts from that model, and the demo then shows distillation alone, the same network taught
+  the teacher's guided 48-step result in a few unguided steps.
 
 detect(video) reads the colour, shape and direction a decoded video shows; `--detect CACHE` prints how often
 the cached teacher samples show the prompted ones (docs/tiny_demo.md has the figures).
 
 Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD
-scripts and export.py expect. The build is deterministic given the seed on a given machine (it always runs
-BUILD_THREADS threads).
+scripts and export.py expect. A rebuild is deterministic given the seed on a given machine and torch version
+(it always runs BUILD_THREADS threads): two give byte-identical files.
 """
 
 import argparse
@@ -614,7 +616,7 @@ def build(paths, log=log_line, steps=None):
 
     steps: pre-training steps instead of DEMO_MODELS' (the determinism test builds with a few)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)  # torchrun's ranks run one thread each; one rank builds
+    torch.set_num_threads(BUILD_THREADS)  # the same floats whatever the caller's threads
     try:
         return _build(paths, log, steps)
     finally:
@@ -659,8 +661,8 @@ def _build(paths, log, steps):
         WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                     transformer=transformer_of(name)).save_pretrained(path)
         log(f"{name} written to {path} ({time.perf_counter() - start:.0f} s since the start)")
-    return {"models": DEMO_MODELS, "steps": steps or DEMO_MODELS["wan-tiny-demo-teacher"]["steps"],
-            "batch_size": BATCH_SIZE, "lr": LR,
+    teacher_steps = DEMO_MODELS["wan-tiny-demo-teacher"]["steps"] if steps is None else steps
+    return {"models": DEMO_MODELS, "steps": teacher_steps, "batch_size": BATCH_SIZE, "lr": LR,
             "cfg_dropout": CFG_DROPOUT, "frame_noise_every": FRAME_NOISE_EVERY, "threads": BUILD_THREADS,
             "torch": torch.__version__, "seconds": round(time.perf_counter() - start)}
 
