@@ -75,9 +75,8 @@ def run_together(cmds, timeout=600, env=None):
 
     When one fails, or `timeout` seconds pass, every process tree still running is killed (a node left alone
     would wait for its peers until the rendezvous timeout); past `timeout` it raises TimeoutError."""
-    outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cmds]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env or environment(), stdout=out, stderr=err, text=True)
-             for cmd, (out, err) in zip(cmds, outputs)]
+    started = [start_captured(cmd, env) for cmd in cmds]
+    procs = [proc for proc, _ in started]
     deadline = time.time() + timeout
     while any(proc.poll() is None for proc in procs):
         failed = any(proc.poll() not in (None, 0) for proc in procs)
@@ -89,13 +88,24 @@ def run_together(cmds, timeout=600, env=None):
                 script = next((arg for arg in map(str, cmds[0]) if arg.endswith(".py")), cmds[0][0])
                 raise TimeoutError(f"{script} ran past {timeout} s")
         time.sleep(0.05)
-    results = []
-    for cmd, proc, (out, err) in zip(cmds, procs, outputs):
-        with out, err:
-            out.seek(0)
-            err.seek(0)
-            results.append(subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()))
-    return results
+    return [collect(process) for process in started]
+
+
+def start_captured(cmd, env=None):
+    """(Popen of `cmd` in the repository, its output files): stdout and stderr kept for `collect`."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or environment(), stdout=out, stderr=err, text=True)
+    return proc, (out, err)
+
+
+def collect(started, timeout=None):
+    """Wait for a start_captured process: its CompletedProcess, output as text."""
+    proc, (out, err) = started
+    proc.wait(timeout)
+    with out, err:
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 def start(cmd):

@@ -95,6 +95,37 @@ def random_tiny_models():
         tiny_demo.ensure_model_dir(str(REPO / "tiny_models" / name))
 
 
+# The tests whose script runs beside the suite: started with the session, read back by the test. Each is a chain
+# of mostly one-process runs that takes most of a minute, while most tests keep one of this machine's two cores.
+BESIDE_THE_SUITE = {
+    "test_the_gpu_check_at_smoke_size_runs_every_stage_and_writes_one_documented_table":
+        ["gpu_check.py", "--smoke", "--out", "{folder}/check.json"],
+    "test_the_quick_fault_campaign_loses_nothing_and_every_bad_input_is_a_clear_error": ["faults.py", "--quick"],
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def beside_the_suite(request, random_tiny_models, tmp_path_factory):
+    """{test name: (started process, its folder)} of the selected BESIDE_THE_SUITE tests, killed at the end."""
+    selected = {item.name for item in request.session.items}
+    started = {}
+    for name, (script, *args) in BESIDE_THE_SUITE.items():
+        if name in selected:
+            folder = tmp_path_factory.mktemp("beside")
+            cmd = command(script, [arg.format(folder=folder) for arg in args])
+            started[name] = (processes.start_captured(cmd), folder)
+    yield started
+    for process, _ in started.values():
+        if process[0].poll() is None:
+            processes.kill(process[0])
+
+
+def finished_beside_the_suite(beside_the_suite, request):
+    """(CompletedProcess, folder) of the calling test's script, once it has ended."""
+    process, folder = beside_the_suite[request.node.name]
+    return processes.collect(process, timeout=900), folder
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # Subprocess ranks run with one thread each; the in-process reference must compute the same floats.
@@ -1463,7 +1494,8 @@ def test_the_preview_gif_shows_the_rows_side_by_side_under_their_labels_at_every
     previews.write_previews(tmp_path, vae, [(7, list(latents))], ROW_LABELS, {7: prompts[0]})
     layout = previews.gif_layout(3, (64, 64), ROW_LABELS, previews.font(128))
     with Image.open(tmp_path / "sample-7.gif") as gif:
-        assert gif.n_frames == tiny_demo.NUM_FRAMES and gif.size == (layout.width, layout.height) and gif.info["loop"] == 0
+        assert gif.n_frames == tiny_demo.NUM_FRAMES and gif.info["loop"] == 0
+        assert gif.size == (layout.width, layout.height)
         for f in range(gif.n_frames):
             gif.seek(f)
             image = torch.from_numpy(np.array(gif.convert("RGB")))  # [H, W, 3] uint8
@@ -1704,10 +1736,10 @@ def test_wan_flop_formula_equals_torch_flop_counter(frames_per_block):
 # Reliability: the fault campaign
 
 
-def test_the_quick_fault_campaign_loses_nothing_and_every_bad_input_is_a_clear_error():
+def test_the_quick_fault_campaign_loses_nothing_and_every_bad_input_is_a_clear_error(beside_the_suite, request):
     import re
 
-    proc = run_script("faults.py", "--quick", check=False)
+    proc, _ = finished_beside_the_suite(beside_the_suite, request)
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"\| \d\. ", line)]
     assert len(rows) == 6, proc.stdout + proc.stderr
     for scenario, trials, survived, lost, clear in ([c.strip() for c in row] for row in rows):
@@ -2025,11 +2057,12 @@ def test_a_node_that_fails_ends_its_peers_instead_of_leaving_them_waiting_for_th
         processes.run_together([sleeper], timeout=1)
 
 
-def test_the_gpu_check_at_smoke_size_runs_every_stage_and_writes_one_documented_table(tmp_path):
+def test_the_gpu_check_at_smoke_size_runs_every_stage_and_writes_one_documented_table(beside_the_suite, request):
     import bench_gpu
 
-    proc = run_script("gpu_check.py", "--smoke", "--out", tmp_path / "check.json")
-    result = json.loads((tmp_path / "check.json").read_text())
+    proc, folder = finished_beside_the_suite(beside_the_suite, request)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((folder / "check.json").read_text())
     assert set(result) == {"check", "device", "torch", "passed", "rows", "bench", "cfg_forward"}
     assert result["check"] == "smoke" and result["device"] == "CPU" and result["passed"], proc.stdout
     bench_names = ["teacher smoke step, CFG batch 2", "teacher smoke step, CFG 2 x batch 1"] + [
