@@ -50,7 +50,8 @@ DEFAULTS = {
         "teacher_guidance_scale": 1.0,  # classifier-free guidance g: uncond + g * (cond - uncond); 1 = no CFG
         # Two-expert (Wan2.2 A14B) teachers only, whose model_index.json names a transformer_2; their
         # teacher_guidance_scale is the high-noise expert's (Wan2.2-T2V-A14B: 4.0).
-        "teacher_guidance_scale_2": 3.0,  # CFG g of the low-noise expert (Wan2.2-T2V-A14B's 3.0)
+        # CFG g of the low-noise expert (Wan2.2-T2V-A14B: 3.0); unset: teacher_guidance_scale, as WanPipeline does
+        "teacher_guidance_scale_2": Opt(float),
         "teacher_boundary_ratio": Opt(float),  # high-noise expert while t >= ratio * 1000; None: model_index's
         "teacher_inference_steps": 48,  # Euler steps of the teacher's ODE
         "teacher_negative_prompt": WAN_NEGATIVE_PROMPT,  # the unconditional prompt of CFG
@@ -247,7 +248,7 @@ def validate_config(cfg):
         raise ConfigError(f"method.teacher_inference_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], "
                           f"got {m.teacher_inference_steps}")
     for key in ("teacher_guidance_scale", "teacher_guidance_scale_2"):
-        if m[key] < 0:
+        if m[key] is not None and m[key] < 0:
             raise ConfigError(f"method.{key} must be >= 0, got {m[key]}")
     if m.teacher_boundary_ratio is not None and not 0 <= m.teacher_boundary_ratio <= 1:
         raise ConfigError(f"method.teacher_boundary_ratio must be in [0, 1], got {m.teacher_boundary_ratio}")

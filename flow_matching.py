@@ -110,7 +110,8 @@ def conditioning_timesteps(cfg):
 
 
 def match_t_list(t_list, num_steps, shift, tolerance):
-    """The teacher-grid step of each t_list entry but the final 0 (ConfigError beyond `tolerance`)."""
+    """The teacher-grid step of each t_list entry but the final 0 (ConfigError beyond `tolerance`, or for two
+    entries on one step: the cache would record the state once and list its timestep twice)."""
     grid = shifted_sigmas(num_steps, shift) * NUM_TRAIN_TIMESTEPS
     indices = []
     for t in t_list[:-1]:
@@ -123,6 +124,12 @@ def match_t_list(t_list, num_steps, shift, tolerance):
                 f"method.t_list entry {t} is {float(distance[i]):.2f} timesteps from the teacher's grid "
                 f"({num_steps} steps, flow_shift {shift}); nearest grid values: {values}; "
                 f"tolerance is method.t_list_tolerance={tolerance}"
+            )
+        if i in indices:
+            raise ConfigError(
+                f"method.t_list entries {t_list[indices.index(i)]} and {t} both match step {i} of the teacher's "
+                f"grid ({float(grid[i]):.2f}; {num_steps} steps, flow_shift {shift}); give each entry its own "
+                f"step, or lower method.t_list_tolerance={tolerance}"
             )
         indices.append(i)
     return indices

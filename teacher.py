@@ -30,7 +30,8 @@ def teacher_experts(cfg):
     teacher_guidance_scale_2}; the last two None for a single-expert (Wan2.1) teacher, all None without one.
 
     Whether there is a second expert is read from the teacher's model_index.json (transformer_2); the boundary
-    is method.teacher_boundary_ratio, by default the model_index.json's boundary_ratio.
+    is method.teacher_boundary_ratio, by default the model_index.json's boundary_ratio; the low-noise expert's
+    guidance is method.teacher_guidance_scale_2, by default teacher_guidance_scale (diffusers' WanPipeline).
     """
     none = {"teacher_experts": None, "teacher_boundary_ratio": None, "teacher_guidance_scale_2": None}
     if cfg.models.teacher is None:
@@ -46,8 +47,9 @@ def teacher_experts(cfg):
     if ratio is None:
         raise ConfigError(f"the teacher {init_from} has a transformer_2 but no boundary_ratio in its "
                           "model_index.json; set method.teacher_boundary_ratio")
+    scale_2 = m.teacher_guidance_scale if m.teacher_guidance_scale_2 is None else m.teacher_guidance_scale_2
     return {"teacher_experts": ["transformer", "transformer_2"], "teacher_boundary_ratio": float(ratio),
-            "teacher_guidance_scale_2": m.teacher_guidance_scale_2}
+            "teacher_guidance_scale_2": scale_2}
 
 
 def load_expert(init_from, device, subfolder="transformer"):

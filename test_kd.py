@@ -346,6 +346,14 @@ def test_off_grid_t_list_entry_is_an_error_listing_the_nearest_grid_values():
     assert flow_matching.match_t_list([999, 937, 0], 50, 5.0, 3.0) == [0, 13]  # a wider tolerance accepts it
 
 
+def test_two_t_list_entries_on_one_grid_step_are_refused_when_the_config_loads(tmp_path):
+    # 998 is 2.00 timesteps from step 0 (1000) and 2.24 from step 1 (995.76): within a tolerance of 3, both match 0
+    with pytest.raises(errors.ConfigError, match=r"method\.t_list entries 999 and 998 both match step 0 of the "
+                                                 r"teacher's grid \(1000\.00; 48 steps, flow_shift 5\.0\)"):
+        tiny_config(tmp_path, "method.t_list=[999, 998, 0]", "method.t_list_tolerance=3")
+    tiny_config(tmp_path, "method.t_list=[999, 995, 0]", "method.t_list_tolerance=3")  # steps 0 and 1: accepted
+
+
 class GaussianVelocity(torch.nn.Module):
     """The exact flow-matching velocity E[eps - x0 | x_t] for data x0 ~ N(mu, s^2 I), with Wan's forward
     signature.
@@ -555,6 +563,12 @@ def test_expert_settings_come_from_model_index_and_config_with_clear_errors(tmp_
                                             "teacher_boundary_ratio": 0.875, "teacher_guidance_scale_2": 3.0}
     cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides(tmp_path / "c", "method.teacher_boundary_ratio=0.5"))
     assert teacher.teacher_experts(cfg)["teacher_boundary_ratio"] == 0.5
+    # unset, the low-noise expert's guidance is the first scale, as diffusers' WanPipeline defaults guidance_scale_2
+    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides(tmp_path / "c", "method.teacher_guidance_scale_2=null",
+                                                              "method.teacher_guidance_scale=3.5"))
+    assert teacher.teacher_experts(cfg)["teacher_guidance_scale_2"] == 3.5
+    with pytest.raises(errors.ConfigError, match=r"method.teacher_guidance_scale_2 must be >= 0, got -1"):
+        config.load_config(TINY_WAN22, tiny_wan22_overrides(tmp_path / "c", "method.teacher_guidance_scale_2=-1"))
     single = tiny_config(tmp_path / "c", "method.teacher_boundary_ratio=0.9")
     with pytest.raises(errors.ConfigError, match="method.teacher_boundary_ratio is set but the teacher .* has "
                                                  "one expert"):
