@@ -1713,9 +1713,9 @@ def test_export_refuses_an_existing_output_and_bad_checkpoints_with_clear_errors
     with pytest.raises(errors.ConfigError, match="holds no complete checkpoint"):
         export.export(str(tmp_path / "run"), str(tmp_path / "o2"))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
-    proc = run_script("export.py", "--checkpoint", tmp_path / "run", "--output-dir", tmp_path / "o3",
-                      check=False)
-    assert proc.returncode == 2 and "error: --checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    status, _, stderr = run_cli_in_process(export.main, "--checkpoint", tmp_path / "run", "--output-dir",
+                                           tmp_path / "o3")
+    assert status == 2 and "error: --checkpoint" in stderr and "Traceback" not in stderr
     (out / "marker").write_text("old")
     export.export(str(uninterrupted_run[0]), str(out), overwrite=True)
     assert not (out / "marker").exists() and (out / "transformer" / "config.json").exists()
