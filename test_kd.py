@@ -1586,6 +1586,9 @@ def test_a_damaged_or_missing_demo_model_is_one_error_naming_the_file_and_the_re
     proc = subprocess.run([sys.executable, "tiny_demo.py", "--out", str(tmp_path / "demo_models")], cwd=REPO,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is missing" in proc.stderr
+    with pytest.raises(SystemExit) as e:  # a short rebuild's steps without --rebuild would do nothing
+        tiny_demo.main(["--steps", "4"])
+    assert e.value.code == 2
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -688,6 +688,8 @@ def main(argv):
                         help="instead: print how many cached teacher samples show the prompted colour, shape "
                              "and direction (detect), decoded with the VAE config of the student in --out")
     args = parser.parse_args(argv)
+    if args.steps is not None and not args.rebuild:
+        parser.error("--steps is the pre-training steps of a rebuild: it needs --rebuild")
     if args.detect:
         with open(os.path.join(args.out, "wan-tiny-demo-student", "vae", "config.json")) as f:
             rates, count = detection_rates(args.detect, json.load(f))
