@@ -4,6 +4,7 @@
                               # (~2 min, 2 cores)
     python bench.py memory    # peak memory of one causal training step: per-frame vs per-token timesteps
     python bench.py lmdb-pairs [ROWS]  # lmdb_pairs.py throughput at Wan's row shape [5, 21, 16, 60, 104] fp16
+    python bench.py solvers   # the teacher's x0 error, Euler vs UniPC, against the exact ODE (docs/cache.md)
 
 Every ratio is measured in this run, numerator and denominator under the same conditions: one compute thread
 per process, a "small" random Wan teacher and student (2 layers, width 256, 384 tokens; a forward takes tens
@@ -28,8 +29,11 @@ import torch
 import cache_format
 import config
 import distributed
+import flow_matching
+import generate_cache
 import kd
 import models
+import teacher
 import tiny_demo
 import wan_student
 from flow_matching import teacher_grid
@@ -365,6 +369,99 @@ def pairs_throughput(rows=16):
     shutil.rmtree(workdir)
 
 
+# ---- solvers -----------------------------------------------------------------------------------------------
+SOLVER_GRIDS = (("48, shift 5 (Wan2.1)", 48, 5.0), ("40, shift 12 (Wan2.2 A14B)", 40, 12.0))
+OFF_TRAJECTORY = 0.1  # a tiny-teacher x0 this far (RMS) from the reference's landed on another outcome
+REFERENCE_STEPS = 20  # the reference solves the same ODE with this many times the steps (of its finest grid)
+SOLVER_SAMPLES = 16  # tiny-teacher samples: the first prompts of configs/tiny.yaml, their cache noise
+
+
+class FloatTimestepUniPC(flow_matching.UniPCSolver):
+    """UniPC calling the model at 1000 * sigma instead of diffusers' integer timestep: isolates that rounding."""
+
+    def timestep(self, i):
+        return float(self.scheduler.sigmas[i] * flow_matching.NUM_TRAIN_TIMESTEPS)
+
+
+def solved_x0(model, noise, cond, uncond, g, sigmas, solver):
+    """x0 [B, C, F, H, W] float64 of `solver` ("euler", "unipc", "unipc-float") over `sigmas`."""
+    if solver == "unipc-float":
+        original, flow_matching.UniPCSolver = flow_matching.UniPCSolver, FloatTimestepUniPC
+        try:
+            return solved_x0(model, noise, cond, uncond, g, sigmas, "unipc")
+        finally:
+            flow_matching.UniPCSolver = original
+    return teacher.teacher_rollout(model, noise, cond, uncond, sigmas, g, [], solver=solver)[:, -1].double()
+
+
+def reference_x0(model, noise, cond, uncond, g):
+    """The exact ODE's x0, up to a remainder far below the solvers' errors: Euler over 20 x 48 and 10 x 48
+    steps (shift 5) with Richardson's extrapolation (2 * fine - coarse cancels Euler's first-order error)."""
+    fine = solved_x0(model, noise, cond, uncond, g, flow_matching.shifted_sigmas(REFERENCE_STEPS * 48, 5.0),
+                     "euler")
+    coarse = solved_x0(model, noise, cond, uncond, g,
+                       flow_matching.shifted_sigmas(REFERENCE_STEPS * 24, 5.0), "euler")
+    return 2 * fine - coarse
+
+
+def rms(x):
+    """Per-sample RMS [B] of x [B, ...]."""
+    return x.flatten(1).pow(2).mean(dim=1).sqrt()
+
+
+def solver_table():
+    """Print each solver's x0 error against the exact ODE at the teacher's step counts and the students' K, on
+    the Gaussian oracle (closed form) and on the tiny demo teacher (the same ODE with 20x the steps)."""
+    torch.set_num_threads(2)
+    cfg = config.load_config(os.path.join(REPO, "configs", "tiny.yaml"))
+    tiny_demo.build_missing_models(cfg)
+    grids = [(name, flow_matching.shifted_sigmas(n, shift)) for name, n, shift in SOLVER_GRIDS]
+    for t_list in ([999, 937, 833, 624, 0], cfg.method.t_list):  # Wan's default, the tiny demo's
+        sigmas = flow_matching._teacher_grid(tuple(t_list), 48, 5.0, 1.0, False).sigmas
+        matched = flow_matching.match_t_list(t_list, 48, 5.0, 1.0)
+        grids.append((f"{len(t_list) - 1}, t_list {t_list}", torch.tensor([sigmas[i] for i in matched])))
+
+    # The oracle: data N(mu, s^2) with CFG, whose ODE maps noise to a closed form.
+    mu_c, mu_u, g, s = 1.0, -0.5, 3.0, 0.5
+    noise = torch.randn(SOLVER_SAMPLES, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    oracle_in = (tiny_demo.GaussianVelocity(s), noise, torch.full((SOLVER_SAMPLES, 3, 2), mu_c),
+                 torch.full((SOLVER_SAMPLES, 3, 2), mu_u), g)
+    exact = tiny_demo.gaussian_ode_solution(noise.double(), mu_u + g * (mu_c - mu_u), s, 0.0)
+
+    # The tiny demo teacher on its own prompts, noise and CFG, as generate_cache.py runs it.
+    init_from, m = cfg.models.teacher.init_from, cfg.method
+    encoder, tokenizer = models.load_text_encoder(init_from, torch.device("cpu"))
+    prompts = config.read_prompts(cfg)[:SOLVER_SAMPLES]
+    length = cfg.pipeline.max_sequence_length
+
+    def embeds(prompt):
+        return teacher.pad_embeds(teacher.encode_prompt(encoder, tokenizer, prompt, length, torch.device("cpu")),
+                                  length)
+
+    shape = generate_cache.latent_shape(init_from, cfg)
+    model = teacher.load_expert(init_from, torch.device("cpu"))
+    tiny_in = (model, torch.cat([generate_cache.initial_noise(shape, cfg.data.seed + i) for i in range(len(prompts))]),
+               torch.stack([embeds(p) for p in prompts]),
+               embeds(m.teacher_negative_prompt)[None].expand(len(prompts), -1, -1), m.teacher_guidance_scale)
+    start = time.perf_counter()
+    references = {"oracle": exact, "tiny": reference_x0(*tiny_in)}
+    oracle_reference = float(rms(reference_x0(*oracle_in) - exact).max())
+    print(f"bench.py solvers: x0 error against the exact ODE, RMS per sample (oracle: closed form; tiny demo "
+          f"teacher: Euler over {REFERENCE_STEPS}x48 steps with Richardson's extrapolation, whose own error on the "
+          f"oracle is {oracle_reference:.1e}); RMS of x0: oracle {float(rms(exact).mean()):.2f}, tiny "
+          f"{float(rms(references['tiny']).mean()):.2f}; {SOLVER_SAMPLES} samples each, CFG {g} / "
+          f"{m.teacher_guidance_scale}")
+    print(f"  {'steps':<36} {'solver':<28} {'oracle, max':>11} {'tiny, median':>12} {'tiny, > 0.1':>11}")
+    labels = {"euler": "euler", "unipc": "unipc (diffusers, integer t)", "unipc-float": "unipc, t = 1000 sigma"}
+    for name, sigmas in grids:
+        for solver, label in labels.items():
+            oracle = rms(solved_x0(*oracle_in, sigmas, solver) - exact)
+            tiny = rms(solved_x0(*tiny_in, sigmas, solver) - references["tiny"])
+            print(f"  {name:<36} {label:<28} {float(oracle.max()):11.2e} {float(tiny.median()):12.2e} "
+                  f"{int((tiny > OFF_TRAJECTORY).sum()):>8} of {len(tiny)}")
+    print(f"  ({time.perf_counter() - start:.0f} s)")
+
+
 if __name__ == "__main__":
     mode = sys.argv[1:2]
     if mode == ["memory-variant"]:
@@ -376,6 +473,8 @@ if __name__ == "__main__":
         print(json.dumps(training_times(sys.argv[2], sys.argv[3])))
     elif mode == ["memory"]:
         memory_table()
+    elif mode == ["solvers"]:
+        solver_table()
     elif mode == ["lmdb-pairs"]:
         pairs_throughput(*map(int, sys.argv[2:3]))
     elif not mode:

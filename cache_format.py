@@ -24,7 +24,7 @@ from atomic_files import write_atomic
 from config import latent_shape, read_prompts
 from errors import CacheError, one_line
 from flow_matching import teacher_grid
-from teacher import teacher_experts
+from teacher import teacher_experts, teacher_solver
 
 CACHE_FORMAT_VERSION = 2  # 2: per-slice CRC32 checksums in each sample file's metadata
 REGENERATE_HINT = "rerun generate_cache.py with the same config to regenerate it"
@@ -58,6 +58,7 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
         "teacher": cfg.models.teacher.init_from if cfg.models.teacher else None,
         "teacher_inference_steps": m.teacher_inference_steps,
         "teacher_guidance_scale": m.teacher_guidance_scale,
+        **teacher_solver(cfg),  # euler or unipc, and UniPC's order and corrector settings
         **teacher_experts(cfg),  # which experts ran, where they switched, the low-noise expert's guidance
         "teacher_negative_prompt": m.teacher_negative_prompt,
         "flow_shift": p.flow_shift,
@@ -75,7 +76,7 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
 
 
 # Fingerprint fields added after format 2, with the value that every cache written before them had
-ADDED_FIELDS = {"teacher_experts": ["transformer"]}
+ADDED_FIELDS = {"teacher_experts": ["transformer"], "teacher_solver": "euler"}
 
 
 def fingerprint_differences(expected, found):

@@ -53,7 +53,10 @@ DEFAULTS = {
         # CFG g of the low-noise expert (Wan2.2-T2V-A14B: 3.0); unset: teacher_guidance_scale, as WanPipeline does
         "teacher_guidance_scale_2": Opt(float),
         "teacher_boundary_ratio": Opt(float),  # high-noise expert while t >= ratio * 1000; None: model_index's
-        "teacher_inference_steps": 48,  # Euler steps of the teacher's ODE
+        "teacher_inference_steps": 48,  # steps of the teacher's ODE
+        # the teacher's ODE solver: euler (Self-Forcing's, CausVid's and Causal Forcing's pairs) | unipc (Wan's
+        # published sampler, as diffusers' UniPCMultistepScheduler runs it; settings from the teacher's scheduler/)
+        "teacher_solver": "euler",
         "teacher_negative_prompt": WAN_NEGATIVE_PROMPT,  # the unconditional prompt of CFG
         "teacher_cfg_forward": "batched",  # CFG as one forward of batch 2 | separate: two of batch 1
         "num_frames_per_block": 3,  # latent frames sharing one noise level (causal students)
@@ -252,6 +255,8 @@ def validate_config(cfg):
             raise ConfigError(f"method.{key} must be >= 0, got {m[key]}")
     if m.teacher_boundary_ratio is not None and not 0 <= m.teacher_boundary_ratio <= 1:
         raise ConfigError(f"method.teacher_boundary_ratio must be in [0, 1], got {m.teacher_boundary_ratio}")
+    if m.teacher_solver not in ("euler", "unipc"):
+        raise ConfigError(f"method.teacher_solver must be 'euler' or 'unipc', got {m.teacher_solver!r}")
     if m.teacher_cfg_forward not in ("batched", "separate"):
         raise ConfigError("method.teacher_cfg_forward must be 'batched' or 'separate', "
                           f"got {m.teacher_cfg_forward!r}")

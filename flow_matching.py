@@ -1,8 +1,9 @@
 """Wan's flow matching, and where the student's timesteps fall on the teacher's grid.
 
 Wan predicts the velocity v = eps - x0 of x_t = (1 - sigma) * x0 + sigma * eps, with timestep = 1000 * sigma.
-The teacher integrates that ODE with Euler steps over a shifted sigma grid; the student's `t_list` entries are
-matched to points of that grid once (`teacher_grid`), and everything else reads that one match.
+The teacher integrates that ODE over a shifted sigma grid with Euler steps (the consumers' pairs) or UniPC (how
+Wan's authors sample it); the student's `t_list` entries are matched to points of that grid once
+(`teacher_grid`), and everything else reads that one match.
 """
 
 import functools
@@ -34,6 +35,57 @@ def x0_from_velocity(x_t, v, sigma):
 def euler_step(x_t, v, sigma, sigma_next):
     """One ODE step dx/dsigma = v from sigma to sigma_next (< sigma)."""
     return x_t + (sigma_next - sigma) * v
+
+
+class EulerSolver:
+    """Euler steps over `sigmas` [N] (1 first, the final 0 implied), the model called at 1000 * sigma in float32
+    (as diffusers' FlowMatchEulerDiscreteScheduler calls it)."""
+
+    def __init__(self, sigmas):
+        self.sigmas = [float(s) for s in sigmas] + [0.0]
+
+    def timestep(self, i):
+        return float(torch.tensor(self.sigmas[i] * NUM_TRAIN_TIMESTEPS, dtype=torch.float32))
+
+    def step(self, i, x, v):
+        return euler_step(x, v, self.sigmas[i], self.sigmas[i + 1])
+
+
+# UniPC's settings as diffusers' UniPCMultistepScheduler names them, and its defaults, which Wan's checkpoints keep
+UNIPC_DEFAULTS = {"solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
+                  "disable_corrector": []}
+
+
+class UniPCSolver:
+    """UniPC over the same `sigmas`, run by diffusers' UniPCMultistepScheduler with flow sigmas exactly as
+    WanPipeline runs it (its own float32 sigmas with the first moved 1e-6 below 1, the model called at the integer
+    timestep int(1000 * sigma)). Each step's corrector refines the state the model was just called at; the state
+    the model sees is the one WanPipeline hands its step callbacks, and the one the cache records."""
+
+    def __init__(self, sigmas, settings):
+        import numpy as np
+        from diffusers import UniPCMultistepScheduler
+
+        # flow_shift 1: the sigmas given are already shifted
+        self.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                 flow_shift=1.0, final_sigmas_type="zero", **settings)
+        self.scheduler.set_timesteps(sigmas=np.asarray([float(s) for s in sigmas], dtype=np.float64))
+        # On fine grids the first two integer timesteps coincide, and the scheduler would take the second for its
+        # first step; WanPipeline's grids (tens of steps) never do, so this changes nothing there.
+        self.scheduler.set_begin_index(0)
+
+    def timestep(self, i):
+        return float(self.scheduler.timesteps[i])
+
+    def step(self, i, x, v):
+        return self.scheduler.step(v, self.scheduler.timesteps[i], x, return_dict=False)[0]
+
+
+def ode_solver(name, sigmas, settings=None):
+    """A fresh solver (they keep history) over `sigmas`: "euler", or "unipc" with UniPC `settings`."""
+    if name == "euler":
+        return EulerSolver(sigmas)
+    return UniPCSolver(sigmas, settings if settings is not None else UNIPC_DEFAULTS)
 
 
 @dataclass(frozen=True)

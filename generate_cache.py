@@ -143,7 +143,8 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
         noise = initial_noise(fingerprint["latent_shape"], seed).to(device)  # [1, C, F, H, W]
         prompt_in = pad_embeds(embeds[i], max_len).float()[None].to(device)  # [1, max_len, D]
         states = teacher_rollout(model, noise, prompt_in, negative_in, grid.sigmas, m.teacher_guidance_scale,
-                                 grid.recorded, low_noise, m.teacher_cfg_forward)  # [1, K+1, C, F, H, W]
+                                 grid.recorded, low_noise, m.teacher_cfg_forward, fingerprint["teacher_solver"],
+                                 fingerprint["teacher_solver_settings"])  # [1, K+1, C, F, H, W]
         if not torch.isfinite(states).all():  # a diverged teacher must not leave a checksummed, poisoned file
             raise FloatingPointError(f"the teacher's trajectory for sample {i} (prompt {prompts[i]!r}) is "
                                      "not finite; nothing was written for it")

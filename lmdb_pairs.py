@@ -256,11 +256,11 @@ def check_encoder_dir(model_dir):
 
 
 def import_fingerprint(cfg, source, grid, preset, prompts, shape, unique_prompts):
-    """Our fingerprint for the imported rows: what the LMDB cannot tell (guidance, negative prompt, seed) is
+    """Our fingerprint for the imported rows: what the LMDB cannot tell (guidance, negative prompt, seed, solver) is
     None and never compared; the source is recorded so that a rerun from another LMDB or grid is refused."""
     fingerprint = cache_fingerprint(cfg, prompts, shape)
     fingerprint.update(teacher=IMPORTED_TEACHER, teacher_guidance_scale=None, teacher_negative_prompt=None,
-                       seed=None)
+                       seed=None, teacher_solver=None, teacher_solver_settings=None)
     fingerprint["source"] = {"lmdb": os.path.abspath(source.path), "rows": len(source.rows), "preset": preset,
                              "grid": grid.describe(), "unique_prompts": unique_prompts}
     return fingerprint

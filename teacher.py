@@ -6,6 +6,9 @@ student's K grid points (its own few-step sampling, the reference the student sh
 A Wan2.2 A14B teacher is two experts that split the trajectory, as diffusers' WanPipeline runs them:
 `transformer` (high noise) with method.teacher_guidance_scale while t >= boundary_ratio * 1000, then
 `transformer_2` (low noise) with method.teacher_guidance_scale_2.
+
+The ODE runs with Euler steps (method.teacher_solver: euler, as the consumers' pairs are made) or UniPC (unipc:
+the sampler Wan is published with, its settings read from the teacher's scheduler/scheduler_config.json).
 """
 
 from typing import NamedTuple
@@ -13,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from errors import ConfigError
-from flow_matching import NUM_TRAIN_TIMESTEPS, euler_step
+from flow_matching import NUM_TRAIN_TIMESTEPS, UNIPC_DEFAULTS, ode_solver
 from models import autocast, compute_dtype, has_second_expert, load_transformer, pipeline_index
 
 
@@ -50,6 +53,24 @@ def teacher_experts(cfg):
     scale_2 = m.teacher_guidance_scale if m.teacher_guidance_scale_2 is None else m.teacher_guidance_scale_2
     return {"teacher_experts": ["transformer", "transformer_2"], "teacher_boundary_ratio": float(ratio),
             "teacher_guidance_scale_2": scale_2}
+
+
+def teacher_solver(cfg):
+    """The fingerprint of cfg's ODE solver: {teacher_solver, teacher_solver_settings}; the settings are UniPC's
+    (None for Euler), from the teacher's scheduler config when it is a UniPCMultistepScheduler, else diffusers'
+    defaults (which Wan's checkpoints keep); None without a teacher to read them from."""
+    name = cfg.method.teacher_solver
+    if name != "unipc" or cfg.models.teacher is None:
+        return {"teacher_solver": name, "teacher_solver_settings": None}
+    init_from = cfg.models.teacher.init_from
+    scheduler = pipeline_index(init_from).get("scheduler") or [None, None]
+    settings = dict(UNIPC_DEFAULTS)
+    if scheduler[-1] == "UniPCMultistepScheduler":
+        from diffusers import UniPCMultistepScheduler
+
+        found = UniPCMultistepScheduler.load_config(init_from, subfolder="scheduler")
+        settings.update({key: found[key] for key in UNIPC_DEFAULTS if key in found})
+    return {"teacher_solver": name, "teacher_solver_settings": settings}
 
 
 def load_expert(init_from, device, subfolder="transformer"):
@@ -90,28 +111,28 @@ def encode_prompt(encoder, tokenizer, prompt, max_length, device):
 
 @torch.no_grad()
 def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidance_scale, record_steps,
-                    low_noise=None, cfg_forward="batched"):
-    """Euler over the teacher's sigma grid with classifier-free guidance; the kept states and x0, fp32.
+                    low_noise=None, cfg_forward="batched", solver="euler", solver_settings=None):
+    """The ODE over the teacher's sigma grid with classifier-free guidance; the kept states and x0, fp32.
 
     model: any module with WanTransformer3DModel's forward(hidden_states, timestep, encoder_hidden_states,
     return_dict=False) returning the velocity v = eps - x0. noise [B, C, F, H, W]; prompt_embeds,
     negative_embeds [B, L, D] (negative unused when guidance_scale == 1); sigmas [N] descending from 1 (the
     final 0 is implied); record_steps: step indices whose pre-step state is kept; low_noise: a LowNoiseExpert
-    that takes over below its boundary (Wan2.2), or None; cfg_forward: see guided_velocity. Returns
-    [B, len(record_steps) + 1, C, F, H, W]."""
-    sig = [float(s) for s in sigmas] + [0.0]
+    that takes over below its boundary (Wan2.2), or None; cfg_forward: see guided_velocity; solver "euler" or
+    "unipc" with its settings (flow_matching.ode_solver). Returns [B, len(record_steps) + 1, C, F, H, W]."""
+    ode = ode_solver(solver, sigmas, solver_settings)
     record = set(record_steps)
     x = noise.float()
     kept = []
     for i in range(len(sigmas)):
         if i in record:
             kept.append(x)
-        t = torch.tensor(sig[i] * NUM_TRAIN_TIMESTEPS, dtype=torch.float32)  # as the model sees it
+        t = ode.timestep(i)  # as the model sees it
         expert, scale = model, guidance_scale
-        if low_noise is not None and t < low_noise.boundary:  # diffusers' switch, in float32 as its timesteps
+        if low_noise is not None and t < low_noise.boundary:  # diffusers' switch, on the timestep it passes
             expert, scale = low_noise.model, low_noise.guidance_scale
-        v = guided_velocity(expert, x, float(t), prompt_embeds, negative_embeds, scale, cfg_forward)
-        x = euler_step(x, v, sig[i], sig[i + 1])
+        v = guided_velocity(expert, x, t, prompt_embeds, negative_embeds, scale, cfg_forward)
+        x = ode.step(i, x, v)
     kept.append(x)
     return torch.stack(kept, dim=1)
 
@@ -138,14 +159,14 @@ def guided_velocity(model, x, timestep, prompt_embeds, negative_embeds, guidance
 @torch.no_grad()
 def teacher_k_step(cfg, samples, negative_embeds, sigmas, device):
     """{index: x0 [C, F, H, W]} of the teacher's own sampling over the student's K grid points, with CFG (and
-    its expert switch).
+    its expert switch) and its solver (method.teacher_solver).
 
     samples: {index: (initial state [1, C, F, H, W], prompt embeddings [1, L, D])}; negative_embeds [1, L, D];
     sigmas [K] the student's matched sigmas; CFG runs as method.teacher_cfg_forward says. The teacher is loaded
     for the call and freed after it.
     """
     model, low_noise = load_teacher(cfg, device)
-    m = cfg.method
+    m, settings = cfg.method, teacher_solver(cfg)["teacher_solver_settings"]
     return {index: teacher_rollout(model, noise, embeds, negative_embeds, sigmas, m.teacher_guidance_scale, [],
-                                   low_noise, m.teacher_cfg_forward)[0, -1]
+                                   low_noise, m.teacher_cfg_forward, m.teacher_solver, settings)[0, -1]
             for index, (noise, embeds) in samples.items()}

@@ -354,41 +354,20 @@ def test_two_t_list_entries_on_one_grid_step_are_refused_when_the_config_loads(t
     tiny_config(tmp_path, "method.t_list=[999, 995, 0]", "method.t_list_tolerance=3")  # steps 0 and 1: accepted
 
 
-class GaussianVelocity(torch.nn.Module):
-    """The exact flow-matching velocity E[eps - x0 | x_t] for data x0 ~ N(mu, s^2 I), with Wan's forward
-    signature.
-
-    mu is read from the conditioning (its mean), so conditional and unconditional inputs give different data.
-    """
-
-    def __init__(self, s):
-        super().__init__()
-        self.s = s
-
-    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
-        sigma = (timestep.double() / 1000).view(-1, *[1] * (hidden_states.dim() - 1))
-        mu = encoder_hidden_states.double().mean(dim=(1, 2)).view_as(sigma)
-        x = hidden_states.double()
-        var = (1 - sigma) ** 2 * self.s**2 + sigma**2
-        z = x - (1 - sigma) * mu
-        v = sigma * z / var - mu - (1 - sigma) * self.s**2 * z / var
-        return (v.float(),)
-
-
-def gaussian_ode_solution(noise, mu, s, sigma):
-    """Closed form: the ODE maps noise at sigma=1 to
-    (1-sigma)*mu + sqrt((1-sigma)^2 s^2 + sigma^2) * noise."""
-    return (1 - sigma) * mu + math.sqrt((1 - sigma) ** 2 * s**2 + sigma**2) * noise
-
-
-def oracle_rollout_error(steps, mu=1.5, s=0.5, shift=5.0):
+def oracle_rollout_errors(steps, mu=1.5, s=0.5, shift=5.0, solver="euler"):
+    """Max |state - closed form| of each recorded state, x0 last."""
     noise = torch.randn(1, 2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).double()
     cond = torch.full((1, 7, 5), mu)
     sigmas = flow_matching.shifted_sigmas(steps, shift)
-    states = teacher.teacher_rollout(GaussianVelocity(s), noise, cond, None, sigmas, 1.0, range(steps))
+    states = teacher.teacher_rollout(tiny_demo.GaussianVelocity(s), noise, cond, None, sigmas, 1.0, range(steps),
+                                     solver=solver)
     recorded = sigmas.tolist() + [0.0]
-    return max((states[0, k].double() - gaussian_ode_solution(noise[0], mu, s, sig)).abs().max().item()
-               for k, sig in enumerate(recorded))
+    return [(states[0, k].double() - tiny_demo.gaussian_ode_solution(noise[0], mu, s, sig)).abs().max().item()
+            for k, sig in enumerate(recorded)]
+
+
+def oracle_rollout_error(steps, **kwargs):
+    return max(oracle_rollout_errors(steps, **kwargs))
 
 
 def test_oracle_rollout_matches_the_closed_form_and_converges_with_steps():
@@ -399,13 +378,21 @@ def test_oracle_rollout_matches_the_closed_form_and_converges_with_steps():
     assert errors[2] < 0.2 and errors[-1] < 0.05  # |x0| ~ 2 here; 48 steps is within 8% of it
 
 
+def test_unipc_lands_far_closer_to_the_closed_form_than_euler_at_the_teachers_48_steps():
+    euler, unipc = oracle_rollout_errors(48), oracle_rollout_errors(48, solver="unipc")
+    assert unipc[-1] < 0.01 and unipc[-1] * 20 < euler[-1]  # x0: measured 0.0029 and 0.152
+    # the states on the way (as the model sees them, before UniPC's corrector refines them): 0.032 and 0.152
+    assert max(unipc) * 3 < max(euler)
+    assert oracle_rollout_errors(24, solver="unipc")[-1] < oracle_rollout_errors(24)[-1] / 2
+
+
 def test_cfg_with_gaussian_oracles_is_the_gaussian_with_guided_mean():
     mu_c, mu_u, g, s = 1.0, -0.5, 3.0, 0.5
     noise = torch.randn(1, 2, 3, 4, 4, generator=torch.Generator().manual_seed(1)).double()
     sigmas = flow_matching.shifted_sigmas(400, 5.0)
-    states = teacher.teacher_rollout(GaussianVelocity(s), noise, torch.full((1, 3, 2), mu_c),
+    states = teacher.teacher_rollout(tiny_demo.GaussianVelocity(s), noise, torch.full((1, 3, 2), mu_c),
                                             torch.full((1, 3, 2), mu_u), sigmas, g, [])
-    x0 = gaussian_ode_solution(noise[0], mu_u + g * (mu_c - mu_u), s, 0.0)
+    x0 = tiny_demo.gaussian_ode_solution(noise[0], mu_u + g * (mu_c - mu_u), s, 0.0)
     assert (states[0, -1].double() - x0).abs().max() < 0.03  # Euler error at 400 steps, |x0| ~ 4
 
 
@@ -481,15 +468,19 @@ def moe_pipeline():
     return pipe
 
 
-def wan_pipeline_states(pipe, noise, cond, uncond, sigmas, shift, g, g2):
+def wan_pipeline_states(pipe, noise, cond, uncond, sigmas, shift, g, g2, solver="euler"):
     """The states [1, N, C, F, H, W] after each step of WanPipeline from `noise`, under a flow-matching Euler
-    scheduler with `shift` set to the (unshifted) `sigmas` [N]."""
-    import functools
+    scheduler (solver "unipc": the pipeline directory's own UniPCMultistepScheduler, as its scheduler config sets
+    it) with `shift` set to the (unshifted) `sigmas` [N]."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=[float(s) for s in sigmas])
+    if solver == "unipc":
+        scheduler = UniPCMultistepScheduler.from_pretrained(pipe.name_or_path, subfolder="scheduler", flow_shift=shift)
+        given = np.asarray([float(s) for s in sigmas])
+    else:
+        scheduler, given = FlowMatchEulerDiscreteScheduler(shift=shift), [float(s) for s in sigmas]
+    scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=given)
     pipe.scheduler = scheduler
     states = []
 
@@ -504,18 +495,23 @@ def wan_pipeline_states(pipe, noise, cond, uncond, sigmas, shift, g, g2):
     return torch.stack(states, dim=1)
 
 
-def test_two_expert_rollout_equals_diffusers_wan_pipeline_state_for_state(moe_pipeline):
+@pytest.mark.parametrize("solver", ["euler", "unipc"])
+def test_two_expert_rollout_equals_diffusers_wan_pipeline_state_for_state(moe_pipeline, solver):
     noise, cond, uncond = random_inputs(2)
     steps, shift = 24, 5.0  # grid step 10 is t = 875 exactly: the boundary itself, run by the high-noise expert
-    expected = wan_pipeline_states(moe_pipeline, noise, cond, uncond, torch.linspace(1, 0, steps + 1)[:-1],
-                                   shift, 4.0, 3.0)
-    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides("unused"))
+    unshifted = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]  # float64: as diffusers makes its own
+    expected = wan_pipeline_states(moe_pipeline, noise, cond, uncond, unshifted,
+                                   shift, 4.0, 3.0, solver)
+    cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides("unused", f"method.teacher_solver={solver}"))
     model, low_noise = teacher.load_teacher(cfg, torch.device("cpu"))
     assert (low_noise.boundary, low_noise.guidance_scale) == (875.0, 3.0)
     sigmas = flow_matching.shifted_sigmas(steps, shift)
-    ours = teacher.teacher_rollout(model, noise, cond, uncond, sigmas, 4.0, range(steps), low_noise)[:, 1:]
+    settings = teacher.teacher_solver(cfg)["teacher_solver_settings"]
+    ours = teacher.teacher_rollout(model, noise, cond, uncond, sigmas, 4.0, range(steps), low_noise,
+                                   solver=solver, solver_settings=settings)[:, 1:]
     assert (ours - expected).abs().max() < 1e-4, (ours - expected).abs().amax(dim=(0, 2, 3, 4, 5))
-    high_only = teacher.teacher_rollout(model, noise, cond, uncond, sigmas, 4.0, [])
+    high_only = teacher.teacher_rollout(model, noise, cond, uncond, sigmas, 4.0, [], solver=solver,
+                                        solver_settings=settings)
     assert (high_only[0, -1] - expected[0, -1]).abs().max() > 1e-2  # the second expert did change the result
 
 
@@ -688,6 +684,59 @@ def test_keep_full_trajectory_records_every_state(tmp_path, reference_cache):
     part, _ = read_sample(cache_format.sample_path(reference_cache, 0))
     assert full["latents"].shape[0] == 49 and full["timesteps"][-1] == 0
     assert torch.equal(full["latents"][[0, 12, 24, 36, 48]], part["latents"])
+
+
+@pytest.fixture(scope="module")
+def unipc_cache(tmp_path_factory):
+    """A one-sample tiny cache of every state of the teacher's UniPC trajectory."""
+    cache = tmp_path_factory.mktemp("unipc") / "cache"
+    generate_cache.generate_cache(tiny_config(cache, *UNIPC_FULL))
+    return cache
+
+
+UNIPC_FULL = ["data.num_samples=1", "method.keep_full_trajectory=true", "method.teacher_solver=unipc"]
+
+
+def test_a_unipc_cache_is_wan_pipelines_own_unipc_trajectory_state_for_state(unipc_cache, reference_cache):
+    from diffusers import WanPipeline
+
+    cfg = tiny_config(unipc_cache, *UNIPC_FULL)
+    meta = json.loads((unipc_cache / "metadata.json").read_text())
+    assert meta["teacher_solver"] == "unipc" and meta["teacher_solver_settings"] == {
+        "solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
+        "disable_corrector": []}  # the tiny teacher's scheduler config: Wan's
+    cached = read_sample(cache_format.sample_path(unipc_cache, 0))[0]
+    negative = read_sample(cache_format.negative_embeds_path(unipc_cache))[0]["prompt_embeds"]
+    pipe = WanPipeline.from_pretrained(cfg.models.teacher.init_from)  # its own scheduler: UniPC, flow_shift 5
+    pipe.set_progress_bar_config(disable=True)
+    noise = generate_cache.initial_noise(meta["latent_shape"], cfg.data.seed)
+    length = cfg.pipeline.max_sequence_length
+    states = wan_pipeline_states(pipe, noise, teacher.pad_embeds(cached["prompt_embeds"].float(), length)[None],
+                                 teacher.pad_embeds(negative.float(), length)[None],
+                                 torch.linspace(1, 0, 49, dtype=torch.float64)[:-1],
+                                 5.0, cfg.method.teacher_guidance_scale, None, "unipc")
+    expected = torch.cat([noise[:, None], states], dim=1)[0]  # [49, C, F, H, W]
+    latents = cached["latents"].float()
+    assert latents.shape == expected.shape
+    assert ((latents - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()  # bf16 rounding, no more
+    euler_x0 = read_sample(cache_format.sample_path(reference_cache, 0))[0]["latents"][-1].float()
+    assert (euler_x0 - latents[-1]).abs().max() > 1e-2  # the same sample by Euler lands elsewhere
+
+
+def test_a_cache_of_another_solver_or_solver_settings_is_refused_naming_the_field(unipc_cache, tmp_path):
+    with pytest.raises(errors.CacheError, match="teacher_solver: config 'euler', cache 'unipc'"):
+        cache_format.open_cache(tiny_config(unipc_cache, "data.num_samples=1", "method.keep_full_trajectory=true"))
+    with pytest.raises(errors.ConfigError, match="method.teacher_solver must be 'euler' or 'unipc', got 'heun'"):
+        tiny_config(unipc_cache, "method.teacher_solver=heun")
+    third_order = tmp_path / "teacher"  # a teacher whose scheduler config asks for third order, no corrector
+    shutil.copytree(REPO / "tiny_models" / "wan-tiny-teacher", third_order)
+    path = third_order / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "solver_order": 3, "disable_corrector": [0]}))
+    cfg = tiny_config(unipc_cache, *UNIPC_FULL, f"models.teacher.init_from={third_order}")
+    assert teacher.teacher_solver(cfg)["teacher_solver_settings"]["solver_order"] == 3
+    with pytest.raises(errors.CacheError) as e:
+        cache_format.open_cache(cfg)
+    assert "teacher_solver_settings: config {'solver_order': 3," in str(e.value)
 
 
 def test_a_truncated_file_and_a_stray_temporary_file_are_repaired(tmp_path, reference_cache):

@@ -42,6 +42,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -665,6 +666,33 @@ def _build(paths, log, steps):
     return {"models": DEMO_MODELS, "steps": teacher_steps, "batch_size": BATCH_SIZE, "lr": LR,
             "cfg_dropout": CFG_DROPOUT, "frame_noise_every": FRAME_NOISE_EVERY, "threads": BUILD_THREADS,
             "torch": torch.__version__, "seconds": round(time.perf_counter() - start)}
+
+
+class GaussianVelocity(torch.nn.Module):
+    """An oracle teacher for tests and bench.py: the exact flow-matching velocity E[eps - x0 | x_t] for data
+    x0 ~ N(mu, s^2 I), with Wan's forward signature.
+
+    mu is read from the conditioning (its mean), so conditional and unconditional inputs give different data.
+    """
+
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
+        sigma = (timestep.double() / 1000).view(-1, *[1] * (hidden_states.dim() - 1))
+        mu = encoder_hidden_states.double().mean(dim=(1, 2)).view_as(sigma)
+        x = hidden_states.double()
+        var = (1 - sigma) ** 2 * self.s**2 + sigma**2
+        z = x - (1 - sigma) * mu
+        v = sigma * z / var - mu - (1 - sigma) * self.s**2 * z / var
+        return (v.float(),)
+
+
+def gaussian_ode_solution(noise, mu, s, sigma):
+    """Closed form: the ODE maps noise at sigma=1 to
+    (1-sigma)*mu + sqrt((1-sigma)^2 s^2 + sigma^2) * noise."""
+    return (1 - sigma) * mu + math.sqrt((1 - sigma) ** 2 * s**2 + sigma**2) * noise
 
 
 def write_prompts(path, repeats=8, seed=0):
