@@ -77,6 +77,7 @@ DEFAULTS = {
         "height": 480,  # pixels
         "width": 832,  # pixels
         "max_sequence_length": 512,  # text tokens the teacher sees (prompt padded with zeros to this)
+        "fps": 16,  # frames per second the videos are played at (Wan2.1's 16); export's student_sampling.json
     },
     "data": {
         "prompts": Opt(str),  # text file, one prompt per line, blank lines skipped; sample i = prompt i
@@ -267,7 +268,7 @@ def validate_config(cfg):
     p = cfg.pipeline
     if p.flow_shift <= 0:
         raise ConfigError("pipeline.flow_shift must be > 0")
-    for key in ("num_frames", "height", "width", "max_sequence_length"):
+    for key in ("num_frames", "height", "width", "max_sequence_length", "fps"):
         if p[key] < 1:
             raise ConfigError(f"pipeline.{key} must be >= 1, got {p[key]}")
     check_recorded_steps(m)

@@ -8,8 +8,9 @@
 --checkpoint is a run's output directory (its latest complete checkpoint is used) or one checkpoint-N folder;
 one CPU process exports a checkpoint written by any number of ranks. The output holds the student base model's
 other components (hard-linked where possible) and transformer/ from save_pretrained, so that
-WanPipeline.from_pretrained(DIR) loads it, and student_sampling.json: the sigmas and timesteps the student
-was trained at, for a FlowMatchEulerDiscreteScheduler (README, "Sampling the student with stock diffusers").
+WanPipeline.from_pretrained(DIR) loads it, and student_sampling.json: everything stock WanPipeline needs to
+sample the student as it was trained (sigmas and timesteps for a FlowMatchEulerDiscreteScheduler, guidance, text
+length, frames, size, fps; the README's snippet reads it).
 --self-forcing also writes the weights in the original Wan key layout that Self-Forcing's generator
 checkpoints use: {"generator": {"model.<wan key>": tensor}}, plus "generator_ema" when the run kept an EMA
 (Self-Forcing's inference.py --use_ema reads it).
@@ -107,10 +108,19 @@ def load_checkpoint_student(checkpoint, cfg, ema=False):
 
 
 def sampling_schedule(cfg):
-    """How the student samples: its K sigmas and the timesteps it is conditioned on (student_sampling.json)."""
+    """How the student samples as it was trained (student_sampling.json): Euler steps at its K sigmas, conditioned
+    on its timesteps, without CFG (it learned the guided teacher's trajectories), on the trained text length and
+    video shape; where those came from; and, for a block-causal student, its blocks (it streams them in
+    Self-Forcing's inference, which stock WanPipeline cannot)."""
+    p, m, student = cfg.pipeline, cfg.method, cfg.models.student
+    causal = student.attention == "block_causal"
     return {"sigmas": teacher_grid(cfg).student_sigmas, "timesteps": conditioning_timesteps(cfg),
-            "t_list": cfg.method.t_list, "flow_shift": cfg.pipeline.flow_shift,
-            "teacher_inference_steps": cfg.method.teacher_inference_steps}
+            "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "shift": 1.0}, "guidance_scale": 1.0,
+            "max_sequence_length": p.max_sequence_length, "num_frames": p.num_frames, "height": p.height,
+            "width": p.width, "fps": p.fps, "attention": student.attention,
+            "num_frames_per_block": m.num_frames_per_block if causal else None,
+            "t_list": m.t_list, "flow_shift": p.flow_shift, "teacher_inference_steps": m.teacher_inference_steps,
+            "teacher_solver": m.teacher_solver, "teacher_guidance_scale": m.teacher_guidance_scale}
 
 
 def to_wan_keys(state_dict):

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1498,6 +1499,59 @@ def test_the_distilled_demo_student_is_closer_to_the_teachers_48_steps_than_the_
     assert final["rollout_error"] < final["rollout_error_untrained"]
 
 
+README_SAMPLE_LINE = 'prompt, seed = "a red square moving right", 250'
+
+
+def test_the_readme_snippet_as_printed_samples_the_exported_demo_student_as_the_eval_does(demo_run, tmp_path,
+                                                                                        monkeypatch):
+    import export
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    out, _ = demo_run
+    export.export(str(out / "run"), str(tmp_path / "exports" / "tiny"))
+    schedule = json.loads((tmp_path / "exports" / "tiny" / "student_sampling.json").read_text())
+    assert {k: schedule[k] for k in ("guidance_scale", "max_sequence_length", "num_frames", "height", "width",
+                                     "fps", "attention")} == {
+        "guidance_scale": 1.0, "max_sequence_length": 16, "num_frames": 9, "height": 64, "width": 64, "fps": 16,
+        "attention": "full"}
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) == 1 and README_SAMPLE_LINE in blocks[0]
+    cfg = config.load_config(out / "run" / "config.yaml")
+    prompts = config.read_prompts(cfg)
+    held_out = range(len(prompts) - cfg.training.eval_samples, len(prompts))
+    assert prompts[250] == "a red square moving right" and 250 in held_out and cfg.data.seed == 0
+    steps = []  # what the stock scheduler returns at each step (WanPipeline asks for tuples): the last is x0
+    step = FlowMatchEulerDiscreteScheduler.step
+
+    def recorded_step(self, *args, **kwargs):
+        steps.append(step(self, *args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "step", recorded_step)
+    monkeypatch.chdir(tmp_path)
+    mse = []
+    for i in held_out:  # sample 250 as printed; the others with their own prompt and seed
+        code = blocks[0].replace(README_SAMPLE_LINE, f"prompt, seed = {prompts[i]!r}, {cfg.data.seed + i}")
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+        x0 = read_sample(cache_format.sample_path(out / "cache", i))[0]["latents"][-1].float()
+        mse.append((steps[-1][0][0].float().cpu() - x0).pow(2).mean().item())
+    assert len(steps) == 2 * len(held_out)  # the student's 2 steps per sample
+    assert imageio_frames(tmp_path / "sample.mp4") == 9
+    final = read_jsonl(out / "run" / "eval.jsonl")[-1]
+    # The eval starts from the cache's bf16-rounded noise and prompt embeddings, the snippet from fp32 ones: 0.1%
+    # apart on CPU (0.40274 and 0.40320 measured); a GPU adds bf16 weights. Sampling at diffusers' default 512
+    # text tokens instead of the trained 16 gave 0.752, worse than the untrained student's 0.529.
+    assert sum(mse) / len(mse) == pytest.approx(final["rollout_error"], rel=5e-3 if not torch.cuda.is_available()
+                                                else 5e-2)
+
+
+def imageio_frames(path):
+    """The number of frames of a video file, read back with imageio."""
+    import imageio.v3 as iio
+
+    return len(iio.imread(path))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Previews read at a glance, and what the demo's world and teacher show
 
@@ -1707,18 +1761,17 @@ def test_the_self_forcing_file_holds_the_checkpoints_ema_and_ema_export_writes_i
 
 def test_the_exported_student_sampled_by_stock_diffusers_is_the_evals_rollout(exported, kd_cache,
                                                                                uninterrupted_run):
-    import functools
-
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     out, _, used = exported
     schedule = json.loads((out / "student_sampling.json").read_text())
     assert schedule["sigmas"] == pytest.approx([1.0, 0.9375, 0.8333333, 0.625])
     assert schedule["timesteps"] == pytest.approx([1000.0, 937.5, 833.33333, 625.0])
-    # the README's snippet: Euler steps at exactly the student's sigmas (shift 1: taken as given)
+    # the README snippet's scheduler: Euler steps at exactly the student's sigmas and timesteps (shift 1: as given)
     pipe = WanPipeline.from_pretrained(out)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas=schedule["sigmas"])
+    pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas=schedule["sigmas"],
+                                                     timesteps=schedule["timesteps"])
     cfg = config.load_config(Path(used).parent / "config.yaml")
     grid = flow_matching.teacher_grid(cfg)
     dataset = kd.TrajectoryDataset(str(kd_cache), grid.entry_positions,
