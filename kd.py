@@ -214,10 +214,11 @@ def x0_prediction(x_t, v, sigma_frames):
 
 
 def kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, uniform, prompt_embeds):
-    """0.5 * MSE(x0_pred, x0_teacher) per frame [B, F], fp32; its mean over the noisy frames is the loss (a
-    clean frame, sigma 0, is its own x0 prediction: it is context for the others, and carries no loss)."""
+    """MSE(x0_pred, x0_teacher) per frame [B, F], fp32; its mean over the noisy frames is the loss, on the scale of
+    Self-Forcing's and Causal Forcing's F.mse_loss (a clean frame, sigma 0, is its own x0 prediction: it is
+    context for the others, and carries no loss)."""
     v = student_velocity(model, x_t, t_frames, uniform, prompt_embeds)
-    return 0.5 * (x0_prediction(x_t, v, sigma_frames) - x0).pow(2).mean(dim=(1, 3, 4))
+    return (x0_prediction(x_t, v, sigma_frames) - x0).pow(2).mean(dim=(1, 3, 4))
 
 
 # ----------------------------------------------------------------------------------------------------------

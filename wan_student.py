@@ -1,7 +1,10 @@
 """The student's WanTransformer3DModel as KD runs it: a timestep per latent frame, block-causal attention.
 
 Both are patches of the diffusers model's forward and attention processor; the weights stay the model's own,
-so a student trained this way exports and loads as a plain Wan transformer.
+so a student trained this way exports and loads as a plain Wan transformer. A block-causal model also runs
+Causal Forcing's two other layouts: teacher forcing (a clean copy of the frames, then a noisy copy whose every
+block sees the clean blocks before it) and a KV cache (earlier blocks' keys and values kept per layer while one
+block is denoised at its absolute positions).
 """
 
 import types
@@ -19,15 +22,41 @@ def rotate(x, cos, sin):
     return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).type_as(x)
 
 
+class KVCache:
+    """The keys and values [B, heads, L, head_dim] of the frames already in context, one pair per self-attention
+    layer (rotated at their absolute positions). `append`: the next forward adds its own tokens' pairs."""
+
+    def __init__(self):
+        self.layers, self.append = {}, False
+
+    def extend(self, attn, k, v):
+        """(keys, values) of the context followed by k, v; kept as the layer's context when appending."""
+        if attn in self.layers:
+            k, v = (torch.cat([old, new], dim=2) for old, new in zip(self.layers[attn], (k, v)))
+        if self.append:
+            self.layers[attn] = (k, v)
+        return k, v
+
+    @property
+    def length(self):
+        """Tokens in context."""
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+
 class BlockCausalAttention:
     """Wan self-attention processor in which the tokens of frame block b attend only to blocks <= b.
 
-    One unmasked SDPA call per query block over the prefix of keys it may see: exact, no [L, L] mask, and on
-    GPU the flash/efficient kernels still run (a dense boolean mask would cost L^2 bytes, about 1 GB at 480p
-    x 21 latent frames, and rule out flash). The model's pre-hook sets `tokens_per_block` before each forward.
+    One unmasked SDPA call per query block over the keys it may see: exact, no [L, L] mask, and on GPU the
+    flash/efficient kernels still run (a dense boolean mask would cost L^2 bytes, about 1 GB at 480p x 21 latent
+    frames, and rule out flash). The model's pre-hook sets, before each forward, `tokens_per_block`,
+    `teacher_forcing` (the sequence is a clean copy then a noisy copy of the same frames: clean block b sees clean
+    blocks <= b, noisy block b the clean blocks < b and itself) and `kv_cache` (a KVCache whose context precedes
+    the input, which then starts at a block boundary).
     """
 
     tokens_per_block = None
+    teacher_forcing = False
+    kv_cache = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # [B, L, heads, head_dim]
@@ -36,10 +65,20 @@ class BlockCausalAttention:
         if rotary_emb is not None:
             q, k = rotate(q, *rotary_emb), rotate(k, *rotary_emb)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, L, head_dim]
-        n = self.tokens_per_block
+        n, length, start = self.tokens_per_block, q.shape[2], 0
+        if self.kv_cache is not None:
+            start = self.kv_cache.length
+            k, v = self.kv_cache.extend(attn, k, v)  # [B, heads, context + L, head_dim]
+        if self.teacher_forcing:  # queries [clean | noisy]: (rows, key spans) per block of each half
+            half = length // 2
+            ends = [min(i + n, half) for i in range(0, half, n)]  # the last block may be shorter
+            plan = [((i, end), [(0, end)]) for i, end in zip(range(0, half, n), ends)]
+            plan += [((half + i, half + end), [(0, i), (half + i, half + end)]) for i, end in zip(range(0, half, n), ends)]
+        else:
+            plan = [((i, i + n), [(0, start + i + n)]) for i in range(0, length, n)]
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        out = torch.cat([sdpa(q[:, :, i : i + n], k[:, :, : i + n], v[:, :, : i + n])
-                         for i in range(0, q.shape[2], n)], dim=2)
+        out = torch.cat([sdpa(q[:, :, a:b], torch.cat([k[:, :, c:d] for c, d in spans], dim=2),
+                              torch.cat([v[:, :, c:d] for c, d in spans], dim=2)) for (a, b), spans in plan], dim=2)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, L, heads * head_dim]
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -53,12 +92,14 @@ def make_block_causal(model, frames_per_block):
     for block in model.blocks:
         block.attn1.set_processor(processor)
 
-    def set_block_size(module, args, kwargs):
+    def set_layout(module, args, kwargs):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, C, F, H, W]
         _, p_h, p_w = module.config.patch_size
         processor.tokens_per_block = frames_per_block * (x.shape[3] // p_h) * (x.shape[4] // p_w)
+        processor.teacher_forcing = kwargs.get("teacher_forcing", False)
+        processor.kv_cache = kwargs.get("kv_cache")
 
-    model.register_forward_pre_hook(set_block_size, with_kwargs=True)
+    model.register_forward_pre_hook(set_layout, with_kwargs=True)
 
 
 def _frame_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb):
@@ -86,14 +127,30 @@ def _frame_block_forward(block, hidden_states, encoder_hidden_states, temb, rota
     return (per_frame(h.float()) + per_frame(ff.float()) * c_gate[:, :, None]).flatten(1, 2).type_as(h)
 
 
-def _frame_model_forward(model, hidden_states, timestep, encoder_hidden_states, return_dict=True, **kwargs):
-    """WanTransformer3DModel.forward, also accepting one timestep per latent frame: timestep [B, F]."""
-    if timestep.dim() != 2 or timestep.shape[1] != hidden_states.shape[2]:
+def rotary_positions(model, frames, height, width, first_frame=0, copies=1):
+    """Wan's rotary (cos, sin) [1, copies * L, 1, head_dim] of latent frames first_frame .. first_frame + frames,
+    each copy at the same positions (teacher forcing's clean and noisy copies share them)."""
+    shape = (1, 1, first_frame + frames, height, width)  # the rotary embedding reads only the shape
+    tokens = frames * (height // model.config.patch_size[1]) * (width // model.config.patch_size[2])
+    return tuple(x[:, -tokens:].repeat(1, copies, 1, 1) for x in model.rope(torch.empty(shape, device="meta")))
+
+
+def _frame_model_forward(model, hidden_states, timestep, encoder_hidden_states, return_dict=True,
+                         teacher_forcing=False, kv_cache=None, first_frame=0, **kwargs):
+    """WanTransformer3DModel.forward, also accepting one timestep per latent frame (timestep [B, F]) and, on a
+    block-causal model, Causal Forcing's layouts: teacher_forcing (hidden_states [B, C, 2F, H, W] is a clean copy
+    then a noisy copy of F frames, timestep [B, 2F]; returns the noisy copy's output [B, C, F, H, W]) or kv_cache
+    (a KVCache holding frames 0 .. first_frame - 1; the input is the frames from first_frame on)."""
+    causal_layout = teacher_forcing or kv_cache is not None
+    if not causal_layout and (timestep.dim() != 2 or timestep.shape[1] != hidden_states.shape[2]):
         return type(model).forward(model, hidden_states, timestep, encoder_hidden_states,
                                    return_dict=return_dict, **kwargs)
+    if timestep.dim() == 1:
+        timestep = timestep[:, None].expand(-1, hidden_states.shape[2])
     batch, _, frames, height, width = hidden_states.shape
     p_t, p_h, p_w = model.config.patch_size
-    rotary = model.rope(hidden_states)
+    copies = 2 if teacher_forcing else 1
+    rotary = rotary_positions(model, frames // copies, height, width, first_frame, copies)
     h = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
     # temb [B, F, D], proj [B, F, 6D]: one time embedding per frame
     temb, proj, context, _ = model.condition_embedder(timestep.flatten(), encoder_hidden_states, None,
@@ -104,6 +161,8 @@ def _frame_model_forward(model, hidden_states, timestep, encoder_hidden_states, 
             h = model._gradient_checkpointing_func(block, h, context, proj, rotary)
         else:
             h = block(h, context, proj, rotary)
+    if teacher_forcing:  # only the noisy copy's output is a prediction
+        h, temb, frames = h[:, h.shape[1] // 2 :], temb[:, frames // 2 :], frames // 2
     shift, scale = (model.scale_shift_table[:, None] + temb[:, :, None]).unbind(2)  # [B, F, D] each
     h = (model.norm_out(h.float()).unflatten(1, (frames, -1)) * (1 + scale[:, :, None]) + shift[:, :, None])
     h = model.proj_out(h.flatten(1, 2).type_as(hidden_states))  # [B, L, C * p_t * p_h * p_w]
