@@ -5,6 +5,7 @@
     python bench.py memory    # peak memory of one causal training step: per-frame vs per-token timesteps
     python bench.py lmdb-pairs [ROWS]  # lmdb_pairs.py throughput at Wan's row shape [5, 21, 16, 60, 104] fp16
     python bench.py solvers   # the teacher's x0 error, Euler vs UniPC, against the exact ODE (docs/cache.md)
+    python bench.py ar-generation  # an AR teacher's causal rollout: KV cache vs recomputing the prefix
 
 Every ratio is measured in this run, numerator and denominator under the same conditions: one compute thread
 per process, a "small" random Wan teacher and student (2 layers, width 256, 384 tokens; a forward takes tens
@@ -462,6 +463,42 @@ def solver_table():
     print(f"  ({time.perf_counter() - start:.0f} s)")
 
 
+# ---- AR generation -----------------------------------------------------------------------------------------
+AR_SIZES = (  # (name, model directory, latents [C, F, H, W], frames per block)
+    ("tiny teacher, 6 frames in blocks of 2", "wan-tiny-teacher", (16, 6, 8, 8), 2),
+    ("small (2 layers, width 256), 21 frames in blocks of 3", "wan-bench-small", (16, 21, 16, 16), 3),
+)
+
+
+def ar_generation_table(steps=48, guidance=5.0):
+    """Time one causal rollout per size both ways, on this process's threads; print equality and the ratio."""
+    import ar_teacher
+
+    torch.set_num_threads(2)
+    print(f"bench.py ar-generation: {os.cpu_count()} CPU cores, torch {torch.__version__}; one sample, {steps} "
+          f"Euler steps per block, CFG {guidance} as one batch of 2; random weights (the arithmetic is the same)")
+    print(f"  {'size':<56} {'KV cache s':>10} {'recompute s':>11} {'ratio':>6} {'max |diff|':>11}")
+    for name, folder, shape, frames_per_block in AR_SIZES:
+        path = os.path.join(REPO, "tiny_models", folder)
+        tiny_demo.ensure_model_dir(path)
+        model = models.load_transformer(path, torch.device("cpu")).eval().requires_grad_(False)
+        wan_student.make_block_causal(model, frames_per_block)
+        wan_student.accept_frame_timesteps(model)
+        g = torch.Generator().manual_seed(0)
+        clean, noise = torch.randn(1, *shape, generator=g), torch.randn(1, *shape, generator=g)
+        text = model.config.text_dim
+        cond, uncond = torch.randn(1, 16, text, generator=g), torch.randn(1, 16, text, generator=g)
+        sigmas = flow_matching.shifted_sigmas(steps, 5.0)
+        results = {}
+        for kv in (True, False):
+            start = time.perf_counter()
+            results[kv] = (ar_teacher.causal_rollout(model, clean, noise, cond, uncond, sigmas, guidance, [0, 12],
+                                                     frames_per_block, kv_cache=kv), time.perf_counter() - start)
+        diff = (results[True][0] - results[False][0]).abs().max().item()
+        print(f"  {name:<56} {results[True][1]:10.2f} {results[False][1]:11.2f} "
+              f"{results[False][1] / results[True][1]:6.2f} {diff:11.1e}")
+
+
 if __name__ == "__main__":
     mode = sys.argv[1:2]
     if mode == ["memory-variant"]:
@@ -473,6 +510,8 @@ if __name__ == "__main__":
         print(json.dumps(training_times(sys.argv[2], sys.argv[3])))
     elif mode == ["memory"]:
         memory_table()
+    elif mode == ["ar-generation"]:
+        ar_generation_table()
     elif mode == ["solvers"]:
         solver_table()
     elif mode == ["lmdb-pairs"]:
