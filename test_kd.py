@@ -1198,10 +1198,10 @@ def prefix_outputs(model, clean, noisy, t, text, blocks):
     """Each block's output when the block-causal model runs its noisy frames after the clean frames before them
     (frames at timestep 0): the reference the teacher-forcing and KV-cache layouts must reproduce."""
     outputs = []
-    for start, end in blocks:
-        x = torch.cat([clean[:, :, :start], noisy[:, :, start:end]], dim=2)
-        timesteps = torch.cat([torch.zeros(len(x), start), t[:, start:end]], dim=1)
-        outputs.append(model(x, timesteps, text, return_dict=False)[0][:, :, start:])
+    for first, end in blocks:
+        x = torch.cat([clean[:, :, :first], noisy[:, :, first:end]], dim=2)
+        timesteps = torch.cat([torch.zeros(len(x), first), t[:, first:end]], dim=1)
+        outputs.append(model(x, timesteps, text, return_dict=False)[0][:, :, first:])
     return torch.cat(outputs, dim=2)
 
 
@@ -1233,11 +1233,11 @@ def test_a_kv_cache_of_the_clean_blocks_gives_each_block_what_recomputing_its_pr
     t = t[:, [0, 0, 2, 2, 4]]
     cache, outputs = wan_student.KVCache(), []
     with torch.no_grad():
-        for start, end in BLOCKS_OF_2:  # each block at its absolute positions, after the cached clean blocks
-            outputs.append(model(noisy[:, :, start:end], t[:, start:end], text, return_dict=False,
-                                 kv_cache=cache, first_frame=start)[0])
+        for first, end in BLOCKS_OF_2:  # each block at its absolute positions, after the cached clean blocks
+            outputs.append(model(noisy[:, :, first:end], t[:, first:end], text, return_dict=False,
+                                 kv_cache=cache, first_frame=first)[0])
             cache.append = True  # then the block's clean frames, at timestep 0, join the context
-            model(clean[:, :, start:end], torch.zeros(2, end - start), text, kv_cache=cache, first_frame=start)
+            model(clean[:, :, first:end], torch.zeros(2, end - first), text, kv_cache=cache, first_frame=first)
             cache.append = False
         reference = prefix_outputs(model, clean, noisy, t, text, BLOCKS_OF_2)
     assert cache.length == 5 * 2 * 3  # 5 frames of 2 x 3 tokens

@@ -71,9 +71,9 @@ class BlockCausalAttention:
             k, v = self.kv_cache.extend(attn, k, v)  # [B, heads, context + L, head_dim]
         if self.teacher_forcing:  # queries [clean | noisy]: (rows, key spans) per block of each half
             half = length // 2
-            ends = [min(i + n, half) for i in range(0, half, n)]  # the last block may be shorter
-            plan = [((i, end), [(0, end)]) for i, end in zip(range(0, half, n), ends)]
-            plan += [((half + i, half + end), [(0, i), (half + i, half + end)]) for i, end in zip(range(0, half, n), ends)]
+            blocks = [(i, min(i + n, half)) for i in range(0, half, n)]  # the last block may be shorter
+            plan = [((i, end), [(0, end)]) for i, end in blocks]
+            plan += [((half + i, half + end), [(0, i), (half + i, half + end)]) for i, end in blocks]
         else:
             plan = [((i, i + n), [(0, start + i + n)]) for i in range(0, length, n)]
         sdpa = torch.nn.functional.scaled_dot_product_attention
