@@ -66,6 +66,7 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
         "height": p.height,
         "width": p.width,
         "max_sequence_length": p.max_sequence_length,
+        "causal_ode": causal_ode(cfg),  # False, or an AR teacher's block size and its context cache
         "latent_shape": list(shape) if shape is not None else None,
         "timesteps": teacher_grid(cfg).timesteps,
         "num_samples": len(prompts) if prompts is not None else cfg.data.num_samples,
@@ -76,7 +77,19 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
 
 
 # Fingerprint fields added after format 2, with the value that every cache written before them had
-ADDED_FIELDS = {"teacher_experts": ["transformer"], "teacher_solver": "euler"}
+ADDED_FIELDS = {"teacher_experts": ["transformer"], "teacher_solver": "euler", "causal_ode": False}
+
+
+def causal_ode(cfg):
+    """False for a bidirectional teacher's cache; for causal ODE (method.context_cache) the block size and the
+    SHA-256 of the context cache's metadata.json (a context regenerated differently makes this cache stale).
+    A causal ODE cache's files hold one more state after x0: the clean context latent."""
+    context = cfg.method.context_cache
+    if context is None:
+        return False
+    with open(os.path.join(context, "metadata.json"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"frames_per_block": cfg.method.num_frames_per_block, "context_sha256": digest}
 
 
 def fingerprint_differences(expected, found):
@@ -177,6 +190,22 @@ def read_negative_embeds(cache_dir):
         f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path, "prompt_embeds"))
 
 
+def read_x0(cache_dir, index):
+    """(x0 [C, F, H, W], prompt) of cached sample `index`: its last teacher state, every frame CRC32-verified
+    (CacheError naming the file). A causal ODE cache's x0 is the entry before its context."""
+    path = sample_path(cache_dir, index)
+
+    def read(f, metadata):
+        crcs = json.loads(metadata["crc32_latents"])  # [states][F]
+        position = f.get_slice("timesteps").get_shape()[0] - 1  # x0 follows the recorded states
+        x0 = f.get_slice("latents")[position]
+        for frame in range(x0.shape[1]):
+            verified_tensor(x0[:, frame], crcs[position][frame], path, f"latents[{position}, :, {frame}]")
+        return x0, metadata["prompt"]
+
+    return read_verified(path, read)
+
+
 def read_prompt(cache_dir, index):
     """The prompt of cached sample `index`, from its checksummed metadata (CacheError naming the file)."""
     return read_verified(sample_path(cache_dir, index), lambda f, metadata: metadata["prompt"])
@@ -193,7 +222,7 @@ def negative_embeds_problem(cache_dir):
 
 def sample_file_problem(path, fingerprint, index):
     """Why the cached sample at `path` is unusable, or None if its header and shapes match the fingerprint."""
-    k1 = len(fingerprint["timesteps"])
+    k1 = len(fingerprint["timesteps"]) + bool(fingerprint.get("causal_ode"))  # causal: + the context latent
     try:
         with safe_open(path, framework="pt") as f:
             keys = set(f.keys())

@@ -70,6 +70,9 @@ DEFAULTS = {
         "t_list_tolerance": 1.0,  # max distance, in timesteps, of a t_list entry from its teacher grid point
         "keep_full_trajectory": False,  # cache every teacher state, not only those at t_list (bigger files)
         "recorded_steps": Opt(list),  # grid steps the cache holds states of (an imported LMDB's); default t_list's
+        # causal ODE (an AR teacher, docs/causal.md): a complete cache whose x0 are the clean data latents that
+        # the AR teacher sees as the context of each block (teacher forcing), sample i for sample i
+        "context_cache": Opt(str),
     },
     "pipeline": {
         "flow_shift": 5.0,  # s in sigma' = s*sigma / (1 + (s-1)*sigma); Wan uses 5 at 480p
@@ -323,6 +326,29 @@ def check_recorded_steps(m):
                           "(keep_full_trajectory records every step)")
 
 
+def check_causal_ode(cfg):
+    """An AR teacher needs method.context_cache (a complete cache) and the student's block size; a
+    bidirectional teacher takes no context."""
+    from ar_teacher import ar_frames_per_block
+
+    m, teacher = cfg.method, cfg.models.teacher
+    if m.context_cache is not None and not os.path.exists(os.path.join(m.context_cache, "COMPLETE")):
+        raise ConfigError(f"method.context_cache: {m.context_cache} is not a complete trajectory cache (no "
+                          "COMPLETE file); generate it first, or point at the cache whose x0 are your clean data")
+    if teacher is None or not os.path.isdir(teacher.init_from):
+        return
+    frames = ar_frames_per_block(teacher.init_from)
+    if frames is None and m.context_cache is not None:
+        raise ConfigError(f"method.context_cache is set but the teacher {teacher.init_from} is bidirectional (no "
+                          "block_causal_frames in its transformer/config.json); remove it, or use an AR teacher")
+    if frames is not None and m.context_cache is None:
+        raise ConfigError(f"the teacher {teacher.init_from} is an AR teacher: set method.context_cache to the "
+                          "cache whose x0 are the clean data it sees as context")
+    if frames is not None and frames != m.num_frames_per_block:
+        raise ConfigError(f"the AR teacher {teacher.init_from} generates blocks of {frames} latent frames but "
+                          f"method.num_frames_per_block is {m.num_frames_per_block}; they must be equal")
+
+
 HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")  # from_pretrained looks such a name up on the hub
 
 
@@ -355,6 +381,7 @@ def check_paths(cfg):
         if absent:
             raise ConfigError(f"models.teacher.init_from: {teacher.init_from} has no {absent[0]}/config.json "
                               "(its model_index.json names that expert)")
+    check_causal_ode(cfg)
     for field, path in (("method.teacher_path_cache", cfg.method.teacher_path_cache),
                         ("training.output_dir", cfg.training.output_dir)):
         if os.path.exists(path) and not os.path.isdir(path):

@@ -11,6 +11,8 @@ other components (hard-linked where possible) and transformer/ from save_pretrai
 WanPipeline.from_pretrained(DIR) loads it, and student_sampling.json: everything stock WanPipeline needs to
 sample the student as it was trained (sigmas and timesteps for a FlowMatchEulerDiscreteScheduler, guidance, text
 length, frames, size, fps; the README's snippet reads it).
+A block-causal student's transformer/config.json records its block size (block_causal_frames): the export of
+ar_diffusion.py's run is the AR teacher directory of causal ODE (docs/causal.md).
 --self-forcing also writes the weights in the original Wan key layout that Self-Forcing's generator
 checkpoints use: {"generator": {"model.<wan key>": tensor}}, plus "generator_ema" when the run kept an EMA
 (Self-Forcing's inference.py --use_ema reads it).
@@ -25,6 +27,7 @@ import warnings
 
 import torch
 
+from ar_teacher import AR_CONFIG_KEY
 from atomic_files import TMP_SUFFIX, write_atomic
 from checkpoints import TRAINER_STATE, checkpoint_dirs, has_ema
 from config import load_config
@@ -210,6 +213,8 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
     checkpoint = find_checkpoint(checkpoint)
     cfg = run_config(checkpoint)
     model = load_checkpoint_student(checkpoint, cfg, ema)
+    if cfg.models.student.attention == "block_causal":  # its attention pattern: an AR teacher's directory
+        model.register_to_config(**{AR_CONFIG_KEY: cfg.method.num_frames_per_block})
     torch_dtype = DTYPES[dtype]
     tmp = os.path.normpath(output_dir) + TMP_SUFFIX
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,8 +18,9 @@ import torch
 from tqdm import tqdm
 
 from atomic_files import TMP_SUFFIX, make_dirs, write_json_atomic
+from ar_teacher import causal_rollout, load_ar_teacher
 from cache_format import (CACHE_FORMAT_VERSION, cache_fingerprint, check_cache_metadata, negative_embeds_path,
-                          negative_embeds_problem, sample_file_problem, sample_path, write_negative_embeds,
+                          negative_embeds_problem, read_x0, sample_file_problem, sample_path, write_negative_embeds,
                           write_sample)
 from config import CACHE_DTYPES, check_paths, config_from_argv, latent_shape, read_prompts
 from distributed import (all_gather_objects, barrier, free_device_memory, init_distributed,
@@ -128,7 +129,11 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
     if not indices:
         return
 
-    model, low_noise = load_teacher(cfg, device)  # frozen, replicated (no FSDP), both experts of a Wan2.2
+    context_cache = m.context_cache  # causal ODE: an AR teacher, block by block after the clean data
+    if context_cache is None:
+        model, low_noise = load_teacher(cfg, device)  # frozen, replicated (no FSDP), both experts of a Wan2.2
+    else:
+        (model, frames_per_block), low_noise = load_ar_teacher(cfg.models.teacher.init_from, device), None
     grid = teacher_grid(cfg)
     timesteps = torch.tensor(fingerprint["timesteps"], dtype=torch.float32)
     negative_in = pad_embeds(negative, max_len).float()[None].to(device)  # [1, max_len, D]
@@ -142,9 +147,23 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
         seed = cfg.data.seed + i
         noise = initial_noise(fingerprint["latent_shape"], seed).to(device)  # [1, C, F, H, W]
         prompt_in = pad_embeds(embeds[i], max_len).float()[None].to(device)  # [1, max_len, D]
-        states = teacher_rollout(model, noise, prompt_in, negative_in, grid.sigmas, m.teacher_guidance_scale,
-                                 grid.recorded, low_noise, m.teacher_cfg_forward, fingerprint["teacher_solver"],
-                                 fingerprint["teacher_solver_settings"])  # [1, K+1, C, F, H, W]
+        solver = fingerprint["teacher_solver"], fingerprint["teacher_solver_settings"]
+        if context_cache is None:
+            states = teacher_rollout(model, noise, prompt_in, negative_in, grid.sigmas, m.teacher_guidance_scale,
+                                     grid.recorded, low_noise, m.teacher_cfg_forward, *solver)  # [1, K+1, C, F, H, W]
+        else:
+            clean, prompt = read_x0(context_cache, i)  # [C, F, H, W]: the clean data this sample's blocks follow
+            if prompt != prompts[i]:
+                raise ConfigError(f"method.context_cache: {sample_path(context_cache, i)} holds the prompt "
+                                  f"{prompt!r}, but sample {i} of data.prompts is {prompts[i]!r}; the context must "
+                                  "be the same prompts in the same order")
+            if list(clean.shape) != fingerprint["latent_shape"]:
+                raise ConfigError(f"method.context_cache: {sample_path(context_cache, i)} holds latents of shape "
+                                  f"{list(clean.shape)}, this cache's are {fingerprint['latent_shape']}")
+            clean = clean.float()[None].to(device)
+            states = causal_rollout(model, clean, noise, prompt_in, negative_in, grid.sigmas,
+                                    m.teacher_guidance_scale, grid.recorded, frames_per_block, True, *solver)
+            states = torch.cat([states, clean[:, None]], dim=1)  # [1, K+2, C, F, H, W]: the context last
         if not torch.isfinite(states).all():  # a diverged teacher must not leave a checksummed, poisoned file
             raise FloatingPointError(f"the teacher's trajectory for sample {i} (prompt {prompts[i]!r}) is "
                                      "not finite; nothing was written for it")

@@ -44,7 +44,7 @@ from flow_matching import add_noise, conditioning_timesteps, teacher_grid, x0_fr
 from generate_cache import generate_cache
 from models import compute_dtype, has_vae, load_transformer, load_vae
 from previews import write_previews
-from run_logs import read_references, reference_path, trim_logs
+from run_logs import eval_line, read_references, reference_path, trim_logs
 from teacher import pad_embeds, teacher_k_step
 from tiny_demo import build_missing_models
 from wan_student import accept_frame_timesteps, make_block_causal
@@ -58,25 +58,25 @@ class TrajectoryDataset(torch.utils.data.Dataset):
 
     Returns x_t [C, F, H, W] (each frame from the state of its own entry; entry K is the clean x0), x0
     [C, F, H, W] and the prompt embeddings zero-padded to the length the teacher saw [max_len, D], all in the
-    cache dtype.
+    cache dtype; from a causal ODE cache also the clean context [C, F, H, W] its AR teacher saw.
     """
 
-    def __init__(self, cache_dir, positions, max_len):
+    def __init__(self, cache_dir, positions, max_len, context=False):
         """positions: the state-axis position of each t_list entry [K + 1] (TeacherGrid.entry_positions)."""
-        self.cache_dir, self.positions, self.max_len = cache_dir, positions, max_len
+        self.cache_dir, self.positions, self.max_len, self.context = cache_dir, positions, max_len, context
 
     def __getitem__(self, key):
         """The item of (sample index, per-frame step indices [F]); each slice read is checked (CacheError)."""
         index, steps = key
         path = sample_path(self.cache_dir, index)
-        x_t, x0, embeds = read_verified(path, lambda f, metadata: self.read_states(f, metadata, steps, path),
-                                        "cached sample")
+        x_t, x0, embeds, *context = read_verified(path, lambda f, metadata: self.read_states(f, metadata, steps,
+                                                                                             path), "cached sample")
         return {"x_t": x_t, "x0": x0, "prompt_embeds": pad_embeds(embeds, self.max_len),
-                "steps": torch.tensor(steps), "index": index}
+                "steps": torch.tensor(steps), "index": index, **({"context": context[0]} if context else {})}
 
     def read_states(self, f, metadata, steps, path):
-        """(x_t [C, F, H, W], x0 [C, F, H, W], prompt embeddings [L, D]) from the open file f, each read checked
-        against its CRC32."""
+        """(x_t [C, F, H, W], x0 [C, F, H, W], prompt embeddings [L, D], and the context [C, F, H, W] of a causal
+        ODE cache) from the open file f, each read checked against its CRC32."""
         crcs = json.loads(metadata["crc32_latents"])  # [K+1][F]
         latents = f.get_slice("latents")  # [K+1, C, F, H, W] on disk
         runs, start = [], 0
@@ -85,15 +85,17 @@ class TrajectoryDataset(torch.utils.data.Dataset):
                 runs.append(latents[self.positions[steps[start]], :, start:end])
                 start = end
         x_t = torch.cat(runs, dim=1)  # [C, F, H, W]
-        x0 = latents[-1]  # [C, F, H, W]
+        kept = [self.positions[-1]] + [-1] * self.context  # x0, and a causal ODE cache's context after it
+        x0, *context = (latents[k] for k in kept)  # [C, F, H, W] each
         embeds = verified_tensor(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path,
                                  "prompt_embeds")
         verified_tensor(f.get_tensor("timesteps"), metadata["crc32_timesteps"], path, "timesteps")
         for frame, step in enumerate(steps):
             state = self.positions[step]
             verified_tensor(x_t[:, frame], crcs[state][frame], path, f"latents[{state}, :, {frame}]")
-            verified_tensor(x0[:, frame], crcs[-1][frame], path, f"latents[-1, :, {frame}]")
-        return x_t, x0, embeds
+            for k, tensor in zip(kept, [x0, *context]):
+                verified_tensor(tensor[:, frame], crcs[k][frame], path, f"latents[{k}, :, {frame}]")
+        return x_t, x0, embeds, *context
 
     def __getitems__(self, keys):
         """A DataLoader batch; a CacheError comes back as data, [{"error": message}], so that the training
@@ -197,11 +199,16 @@ def shard_student(model, attention, frames_per_block, gradient_checkpointing, de
     return model.to(device)
 
 
-def student_velocity(model, x_t, t_frames, uniform, prompt_embeds):
-    """v [B, C, F, H, W] fp32 for inputs x_t [B, C, F, H, W] at per-frame timesteps t_frames [B, F] (fp32)."""
+def student_velocity(model, x_t, t_frames, uniform, prompt_embeds, context=None):
+    """v [B, C, F, H, W] fp32 for inputs x_t [B, C, F, H, W] at per-frame timesteps t_frames [B, F] (fp32);
+    with a clean `context` [B, C, F, H, W], each block of x_t sees the context's earlier blocks (teacher
+    forcing, causal ODE)."""
     dtype = compute_dtype(x_t.device)
-    timestep = t_frames[:, 0] if uniform else t_frames  # [B], or [B, F] for the per-frame path
-    return model(x_t.to(dtype), timestep.float(), prompt_embeds.to(dtype), return_dict=False)[0].float()
+    if context is not None:
+        x_t, t_frames = torch.cat([context, x_t], dim=2), torch.cat([torch.zeros_like(t_frames), t_frames], dim=1)
+    timestep = t_frames[:, 0] if uniform and context is None else t_frames  # [B], or [B, F] per frame
+    return model(x_t.to(dtype), timestep.float(), prompt_embeds.to(dtype), return_dict=False,
+                 **({"teacher_forcing": True} if context is not None else {}))[0].float()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,11 +220,11 @@ def x0_prediction(x_t, v, sigma_frames):
     return x0_from_velocity(x_t, v, sigma_frames[:, None, :, None, None])
 
 
-def kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, uniform, prompt_embeds):
+def kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, uniform, prompt_embeds, context=None):
     """MSE(x0_pred, x0_teacher) per frame [B, F], fp32; its mean over the noisy frames is the loss, on the scale of
     Self-Forcing's and Causal Forcing's F.mse_loss (a clean frame, sigma 0, is its own x0 prediction: it is
     context for the others, and carries no loss)."""
-    v = student_velocity(model, x_t, t_frames, uniform, prompt_embeds)
+    v = student_velocity(model, x_t, t_frames, uniform, prompt_embeds, context)
     return (x0_prediction(x_t, v, sigma_frames) - x0).pow(2).mean(dim=(1, 3, 4))
 
 
@@ -230,6 +237,8 @@ class KDTrainer:
 
     prepare() sets the run up (cache, data, references, student, optimizer, resume); train() is the loop: a
     step, and at its intervals a log line, an eval and a checkpoint."""
+
+    causal_ode = False  # the cache holds an AR teacher's pairs, each with its clean context (read with the data)
 
     def __init__(self, cfg, rank, world_size, device):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
@@ -285,8 +294,12 @@ class KDTrainer:
             raise ConfigError(f"training.eval_samples={t.eval_samples} must be below the {n} cached samples")
         self.train_indices = list(range(n - t.eval_samples))
         self.eval_indices = list(range(n - t.eval_samples, n))
+        self.causal_ode = bool(self.meta.get("causal_ode"))  # an AR teacher's pairs, each with its clean context
+        if self.causal_ode and cfg.models.student.attention != "block_causal":
+            raise ConfigError(f"{cfg.method.teacher_path_cache} holds causal ODE pairs: train a block-causal "
+                              "student on them (models.student.attention: block_causal, kd_causal.py)")
         self.dataset = TrajectoryDataset(cfg.method.teacher_path_cache, self.grid.entry_positions,
-                                         self.meta["max_sequence_length"])
+                                         self.meta["max_sequence_length"], self.causal_ode)
         make_dirs(t.output_dir)
         if self.rank == 0:  # export.py reads it to find the student's base model
             write_lines(os.path.join(t.output_dir, "config.yaml"),
@@ -371,11 +384,13 @@ class KDTrainer:
     # -- evaluation ---------------------------------------------------------------------------------------
 
     def load_eval_sample(self, index):
-        """On the device: states [K, C, F, H, W] at the t_list entries, x0 [C, F, H, W], embeds [1, L, D]."""
+        """On the device: states [K, C, F, H, W] at the t_list entries, x0 [C, F, H, W], embeds [1, L, D], and
+        a causal ODE cache's context [1, C, F, H, W] (else None)."""
         items = [self.dataset[(index, (k,) * self.meta["latent_shape"][1])] for k in range(self.num_steps)]
         states = torch.stack([item["x_t"] for item in items]).to(self.device).float()
-        x0, embeds = items[0]["x0"], items[0]["prompt_embeds"][None]
-        return states, x0.to(self.device).float(), embeds.to(self.device).float()
+        x0, embeds, context = items[0]["x0"], items[0]["prompt_embeds"][None], items[0].get("context")
+        context = context[None].to(self.device).float() if context is not None else None
+        return states, x0.to(self.device).float(), embeds.to(self.device).float(), context
 
     def rank_share(self, indices):
         """This rank's stride of `indices`, padded with weight-0 repeats: all ranks run as many forwards."""
@@ -393,12 +408,13 @@ class KDTrainer:
         # [K per-entry losses, then the rollout errors]
         sums = torch.zeros(K + len(rollouts), device=self.device, dtype=torch.float64)
         for index, weight in self.rank_share(self.eval_indices):
-            states, x0, embeds = self.load_eval_sample(index)
+            states, x0, embeds, context = self.load_eval_sample(index)
             frames = states.shape[2]
             t_frames = self.t_values[:K, None].expand(K, frames)
             sigma_frames = self.sigmas[:K, None].expand(K, frames)
             losses = kd_frame_losses(self.model, states, x0[None], t_frames, sigma_frames, True,
-                                     embeds.expand(K, -1, -1))  # [K, F]
+                                     embeds.expand(K, -1, -1),
+                                     None if context is None else context.expand(K, -1, -1, -1, -1))  # [K, F]
             sums[:K] += weight * losses.mean(dim=1).double()
             for j, sample in enumerate(self.student_samples(index, states[:1], embeds)):
                 sums[K + j] += weight * (sample - x0).pow(2).mean().double()
@@ -429,7 +445,7 @@ class KDTrainer:
         self.model.eval()
         samples = []
         for index in self.preview_indices:
-            states, x0, embeds = self.load_eval_sample(index)
+            states, x0, embeds, _ = self.load_eval_sample(index)
             teacher_k = [self.teacher_k_step[index]] if index in self.teacher_k_step else []
             samples.append((index, [x0, *teacher_k, *self.student_samples(index, states[:1], embeds)]))
         self.model.train()
@@ -456,22 +472,9 @@ class KDTrainer:
             result.update({f"{k}_ema": v for k, v in ema.items() if k == "loss" or k.startswith("rollout")})
         if self.preview_indices:
             self.write_eval_previews()
-        refs = self.references
         self.append_jsonl("eval.jsonl", {"step": self.step, **result,
-                                         **{f"rollout_error_{k}": v for k, v in refs.items()}})
-        teacher = f"{refs['teacher']:.5f}" if "teacher" in refs else "n/a (no teacher configured)"
-        per_entry = ", ".join(f"{k}={v:.5f}" for k, v in result.items() if k.startswith("loss_t"))
-        student = f"{result['rollout_error']:.5f}"
-        untrained = f"{refs.get('untrained', float('nan')):.5f}"
-        if self.streaming:
-            student += f" (streaming {result['rollout_error_streaming']:.5f})"
-            untrained += f" (streaming {refs.get('untrained_streaming', float('nan')):.5f})"
-        if self.ema is not None:
-            student += f", EMA {result['rollout_error_ema']:.5f}"
-            if self.streaming:
-                student += f" (streaming {result['rollout_error_streaming_ema']:.5f})"
-        self.log(f"eval step {self.step}: kd loss {result['loss']:.5f} ({per_entry}) | rollout error: "
-                 f"student {student}, untrained student {untrained}, teacher {self.num_steps}-step {teacher}")
+                                         **{f"rollout_error_{k}": v for k, v in self.references.items()}})
+        self.log(eval_line(self.step, result, self.references, self.num_steps))
         return result
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -500,19 +503,13 @@ class KDTrainer:
         The loss is the mean over this rank's noisy frames; frames that drew entry K, the clean x0, are context
         for the others (causal students) and carry no loss."""
         K, accum = self.num_steps, len(batches)
-        noisy_frames = max(1, sum(int((b["steps"] < K).sum()) for b in batches))  # CPU copies: no device sync
+        noisy_frames = max(1, sum(self.loss_frames(b) for b in batches))  # CPU copies: no device sync
         entry_loss = torch.zeros(K + 1, device=self.device)
         entry_count = torch.zeros(K + 1, device=self.device)
         step_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             self.model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per optimizer step
-            x_t = batch["x_t"].to(self.device, non_blocking=True).float()  # [B, C, F, H, W]
-            x0 = batch["x0"].to(self.device, non_blocking=True).float()
-            embeds = batch["prompt_embeds"].to(self.device, non_blocking=True).float()  # [B, max_len, D]
-            steps = batch["steps"].to(self.device, non_blocking=True)  # [B, F]
-            uniform = bool((batch["steps"] == batch["steps"][:, :1]).all())  # on the CPU copy: no device sync
-            frame_loss = kd_frame_losses(self.model, x_t, x0, self.t_values[steps], self.sigmas[steps],
-                                         uniform, embeds)  # [B, F]
+            frame_loss, steps = self.batch_losses(batch)  # [B, F] each
             loss = torch.where(steps < K, frame_loss, 0.0).sum() / noisy_frames
             loss.backward()
             with torch.no_grad():
@@ -534,6 +531,21 @@ class KDTrainer:
         if self.ema is not None:
             self.ema.update(self.model, self.step)
         return entry_loss[:K], entry_count[:K], grad_norm
+
+    def loss_frames(self, batch):
+        """The frames of a micro-batch that carry loss, counted on its CPU copy: all but the clean context's."""
+        return int((batch["steps"] < self.num_steps).sum())
+
+    def batch_losses(self, batch):
+        """(the loss of each frame [B, F], the t_list entry it drew [B, F]) of one micro-batch."""
+        x_t = batch["x_t"].to(self.device, non_blocking=True).float()  # [B, C, F, H, W]
+        x0 = batch["x0"].to(self.device, non_blocking=True).float()
+        embeds = batch["prompt_embeds"].to(self.device, non_blocking=True).float()  # [B, max_len, D]
+        steps = batch["steps"].to(self.device, non_blocking=True)  # [B, F]
+        uniform = bool((batch["steps"] == batch["steps"][:, :1]).all())  # on the CPU copy: no device sync
+        context = batch["context"].to(self.device).float() if self.causal_ode else None
+        return kd_frame_losses(self.model, x_t, x0, self.t_values[steps], self.sigmas[steps], uniform, embeds,
+                               context), steps
 
     def check_finite(self):
         """Stop if a step so far had a non-finite loss or gradient norm, before its weights are saved or used.
@@ -668,8 +680,8 @@ def teacher_k_step_samples(cfg, indices, load_sample, sigmas, max_len, device):
     negative = pad_embeds(negative, max_len)[None].to(device).float()  # [1, max_len, D]
     samples = {}
     for index in indices:
-        states, _, embeds = load_sample(index)
-        samples[index] = (states[:1], embeds)  # the initial noise [1, C, F, H, W], prompt [1, L, D]
+        states, _, embeds, context = load_sample(index)
+        samples[index] = (states[:1], embeds, context)  # initial noise [1, C, F, H, W], prompt [1, L, D], context
     return teacher_k_step(cfg, samples, negative, sigmas.double().cpu(), device)
 
 

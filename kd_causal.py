@@ -7,7 +7,9 @@ Everything (cache, student, checkpoints, eval, export) is kd.py's; only the time
 block of `method.num_frames_per_block` latent frames draws its own t_list entry (the last block may be
 shorter). As in Self-Forcing's and CausVid's ODE regression, the draw is over all K + 1 entries: a block that
 draws the final one is the clean x0, the context Self-Forcing's inference gives the blocks after it, and kd.py
-gives it no loss (method.clean_context=false: the K noisy entries only, the seed's sampler).
+gives it no loss (method.clean_context=false: the K noisy entries only, the seed's sampler). On a causal ODE
+cache (an AR teacher's pairs) every block already has the clean data before it as context (teacher forcing),
+so the draw is over the K noisy entries.
 """
 
 import sys
@@ -23,7 +25,8 @@ class CausalKDTrainer(kd.KDTrainer):
 
     def sample_step_indices(self, generator, batch_size, num_frames):
         # the K noisy entries, and the clean x0 as a (K + 1)-th unless method.clean_context is off
-        block, entries = self.cfg.method.num_frames_per_block, self.num_steps + self.cfg.method.clean_context
+        m = self.cfg.method
+        block, entries = m.num_frames_per_block, self.num_steps + (m.clean_context and not self.causal_ode)
         per_block = torch.randint(entries, (batch_size, -(-num_frames // block)), generator=generator)
         return per_block.repeat_interleave(block, dim=1)[:, :num_frames]  # [B, F]
 

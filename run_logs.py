@@ -13,6 +13,24 @@ def reference_path(output_dir):
     return os.path.join(output_dir, "eval_reference.json")
 
 
+def eval_line(step, result, refs, num_steps):
+    """The console line of an eval: the held-out losses, then the student's rollout error (streaming, EMA when
+    measured) beside the untrained student's and the teacher's own K steps."""
+    teacher = f"{refs['teacher']:.5f}" if "teacher" in refs else "n/a (no teacher configured)"
+    per_entry = ", ".join(f"{k}={v:.5f}" for k, v in result.items() if k.startswith("loss_t"))
+    student = f"{result['rollout_error']:.5f}"
+    untrained = f"{refs.get('untrained', math.nan):.5f}"
+    if "rollout_error_streaming" in result:
+        student += f" (streaming {result['rollout_error_streaming']:.5f})"
+        untrained += f" (streaming {refs.get('untrained_streaming', math.nan):.5f})"
+    if "rollout_error_ema" in result:
+        student += f", EMA {result['rollout_error_ema']:.5f}"
+        if "rollout_error_streaming_ema" in result:
+            student += f" (streaming {result['rollout_error_streaming_ema']:.5f})"
+    return (f"eval step {step}: kd loss {result['loss']:.5f} ({per_entry}) | rollout error: student {student}, "
+            f"untrained student {untrained}, teacher {num_steps}-step {teacher}")
+
+
 def read_references(output_dir):
     """{untrained, teacher: rollout error} measured by an earlier start of this run, or {}."""
     if not os.path.exists(reference_path(output_dir)):

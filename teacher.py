@@ -161,12 +161,20 @@ def teacher_k_step(cfg, samples, negative_embeds, sigmas, device):
     """{index: x0 [C, F, H, W]} of the teacher's own sampling over the student's K grid points, with CFG (and
     its expert switch) and its solver (method.teacher_solver).
 
-    samples: {index: (initial state [1, C, F, H, W], prompt embeddings [1, L, D])}; negative_embeds [1, L, D];
-    sigmas [K] the student's matched sigmas; CFG runs as method.teacher_cfg_forward says. The teacher is loaded
-    for the call and freed after it.
+    samples: {index: (initial state [1, C, F, H, W], prompt embeddings [1, L, D], clean context [1, C, F, H, W]
+    or None)}; negative_embeds [1, L, D]; sigmas [K] the student's matched sigmas; CFG runs as
+    method.teacher_cfg_forward says. An AR teacher (causal ODE) samples block by block after each sample's
+    context. The teacher is loaded for the call and freed after it.
     """
-    model, low_noise = load_teacher(cfg, device)
     m, settings = cfg.method, teacher_solver(cfg)["teacher_solver_settings"]
+    if m.context_cache is not None:
+        from ar_teacher import causal_rollout, load_ar_teacher  # (it imports diffusers: not at config time)
+
+        model, frames_per_block = load_ar_teacher(cfg.models.teacher.init_from, device)
+        return {index: causal_rollout(model, context, noise, embeds, negative_embeds, sigmas,
+                                      m.teacher_guidance_scale, [], frames_per_block, True, m.teacher_solver,
+                                      settings)[0, -1] for index, (noise, embeds, context) in samples.items()}
+    model, low_noise = load_teacher(cfg, device)
     return {index: teacher_rollout(model, noise, embeds, negative_embeds, sigmas, m.teacher_guidance_scale, [],
                                    low_noise, m.teacher_cfg_forward, m.teacher_solver, settings)[0, -1]
-            for index, (noise, embeds) in samples.items()}
+            for index, (noise, embeds, _) in samples.items()}

@@ -521,7 +521,7 @@ def test_eval_teacher_k_step_reference_equals_wan_pipeline_on_the_students_grid(
     cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides("unused"))
     student_sigmas = torch.tensor(flow_matching.teacher_grid(cfg).student_sigmas, dtype=torch.float64)
     assert [s * 1000 >= 875 for s in student_sigmas] == [True, True, False, False]  # two steps per expert
-    ours = teacher.teacher_k_step(cfg, {0: (noise, cond)}, uncond, student_sigmas, torch.device("cpu"))[0]
+    ours = teacher.teacher_k_step(cfg, {0: (noise, cond, None)}, uncond, student_sigmas, torch.device("cpu"))[0]
     expected = wan_pipeline_states(moe_pipeline, noise, cond, uncond, student_sigmas, 1.0, 4.0, 3.0)[0, -1]
     assert (ours - expected).abs().max() < 1e-4
 
@@ -990,7 +990,7 @@ def test_batches_give_each_rank_distinct_training_samples_reshuffled_each_epoch(
 
 
 def test_dataset_reads_each_frame_from_the_state_of_its_own_step(reference_cache):
-    dataset = kd.TrajectoryDataset(str(reference_cache), [0, 1, 2, 3], 512)
+    dataset = kd.TrajectoryDataset(str(reference_cache), [0, 1, 2, 3, 4], 512)  # x0: the entry after the states
     item = dataset[(0, (3, 3, 0, 1, 1, 2))]
     latents = read_sample(cache_format.sample_path(reference_cache, 0))[0]["latents"]
     for f, k in enumerate((3, 3, 0, 1, 1, 2)):
@@ -1342,10 +1342,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_student):
 
 
 def test_a_tiny_causal_run_on_the_same_cache_learns(kd_cache, tmp_path):
+    import kd_causal
+
     out = tmp_path / "run"
     overrides = train_overrides(kd_cache, out, "training.max_steps=60", "training.eval_every=60",
                                 "method.num_frames_per_block=4")  # 6 latent frames: a partial last block
-    proc = run_script("kd_causal.py", REPO / "configs" / "tiny_causal.yaml", *overrides, ranks=2)
+    # one rank, in this process (kd.py's two-rank runs cover the collectives; kd_causal.py only samples anew)
+    status, stdout, stderr = run_cli_in_process(lambda argv: kd.main(argv, kd_causal.CausalKDTrainer),
+                                                REPO / "configs" / "tiny_causal.yaml", *overrides)
+    assert status == 0, stderr
+    proc = subprocess.CompletedProcess([], status, stdout, stderr)
     losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
     assert sum(losses[-15:]) / 15 < 0.6 * sum(losses[:15]) / 15
     assert "eval step 60" in proc.stdout + proc.stderr
@@ -1355,6 +1361,140 @@ def test_a_tiny_causal_run_on_the_same_cache_learns(kd_cache, tmp_path):
     assert "streaming" in proc.stdout + proc.stderr
     assert "loss_t0" not in read_jsonl(out / "metrics.jsonl")[0]  # the clean entry is context, not a loss
     assert config.load_config(out / "config.yaml").models.student.attention == "block_causal"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Causal ODE: an AR teacher's pairs, each block after the clean data before it
+
+
+def causal_ode_overrides(ar_dir, context, cache, *extra):
+    """The tiny config with the AR teacher (blocks of 4) writing `cache`, its context the x0 of `context`."""
+    return tiny_overrides(cache, "data.num_samples=16", f"models.teacher.init_from={ar_dir}",
+                          f"method.context_cache={context}", "method.num_frames_per_block=4", *extra)
+
+
+@pytest.fixture(scope="module")
+def causal_ode_cache(ar_teacher_dir, kd_cache, tmp_path_factory):
+    """16 samples of the tiny AR teacher's causal ODE pairs, their context kd_cache's x0."""
+    cache = tmp_path_factory.mktemp("causal") / "cache"
+    generate_cache.generate_cache(config.load_config(TINY, causal_ode_overrides(ar_teacher_dir, kd_cache, cache)))
+    return cache
+
+
+def test_a_causal_ode_cache_holds_the_ar_teachers_block_by_block_states_and_their_clean_context(
+        causal_ode_cache, kd_cache, ar_teacher_dir):
+    import ar_teacher
+
+    cfg = config.load_config(TINY, causal_ode_overrides(ar_teacher_dir, kd_cache, causal_ode_cache))
+    meta = json.loads((causal_ode_cache / "metadata.json").read_text())
+    assert meta["causal_ode"]["frames_per_block"] == 4 and len(meta["causal_ode"]["context_sha256"]) == 64
+    tensors, _ = read_sample(cache_format.sample_path(causal_ode_cache, 3))
+    latents = tensors["latents"]
+    assert latents.shape == (6, 16, 6, 8, 8)  # 4 states at t_list, the generated x0, then the context
+    clean = read_sample(cache_format.sample_path(kd_cache, 3))[0]["latents"][-1]
+    assert torch.equal(latents[-1], clean)  # the bidirectional teacher's x0: the clean data
+    model, frames_per_block = ar_teacher.load_ar_teacher(str(ar_teacher_dir), torch.device("cpu"))
+    negative = read_sample(cache_format.negative_embeds_path(causal_ode_cache))[0]["prompt_embeds"]
+    grid = flow_matching.teacher_grid(cfg)
+    expected = ar_teacher.causal_rollout(
+        model, clean.float()[None], generate_cache.initial_noise(meta["latent_shape"], 3),
+        teacher.pad_embeds(tensors["prompt_embeds"].float(), 512)[None],
+        teacher.pad_embeds(negative.float(), 512)[None], grid.sigmas, 3.0, grid.recorded, 4, kv_cache=False)[0]
+    assert ((latents[:-1].float() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()  # bf16 rounding
+    item = kd.TrajectoryDataset(str(causal_ode_cache), grid.entry_positions, 512, context=True)[(3, (1,) * 6)]
+    assert torch.equal(item["x0"], latents[4]) and torch.equal(item["context"], clean)
+
+
+def test_causal_ode_caches_and_bidirectional_ones_are_never_taken_for_each_other(causal_ode_cache, kd_cache,
+                                                                                 ar_teacher_dir, tmp_path):
+    with pytest.raises(errors.CacheError, match=r"causal_ode: config False, cache \{'frames_per_block': 4"):
+        cache_format.open_cache(tiny_config(causal_ode_cache, "data.num_samples=16"))
+    causal = config.load_config(TINY, causal_ode_overrides(ar_teacher_dir, kd_cache, kd_cache))
+    with pytest.raises(errors.CacheError, match=r"causal_ode: config \{'frames_per_block': 4.*\}, cache False"):
+        cache_format.open_cache(causal)
+    cfg = config.load_config(TINY, causal_ode_overrides(ar_teacher_dir, kd_cache, causal_ode_cache,
+                                                        f"training.output_dir={tmp_path / 'run'}"))
+    with pytest.raises(errors.ConfigError, match="holds causal ODE pairs: train a block-causal student"):
+        run_in_process(kd.KDTrainer, cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.context_cache=null"], "is an AR teacher: set method.context_cache"),
+    (["method.num_frames_per_block=3"], "generates blocks of 4 latent frames but method.num_frames_per_block is 3"),
+    ([f"models.teacher.init_from={REPO}/tiny_models/wan-tiny-teacher"], "method.context_cache is set but the "
+                                                                         "teacher .* is bidirectional"),
+    (["method.context_cache=/nonexistent"], "method.context_cache: /nonexistent is not a complete trajectory cache"),
+], ids=["no_context", "block_size", "bidirectional_teacher", "missing_context"])
+def test_causal_ode_settings_that_disagree_are_one_error_naming_the_field(ar_teacher_dir, kd_cache, tmp_path,
+                                                                          overrides, message):
+    cfg = config.load_config(TINY, causal_ode_overrides(ar_teacher_dir, kd_cache, tmp_path / "c", *overrides))
+    with pytest.raises(errors.ConfigError, match=message):
+        config.check_paths(cfg)
+    assert not (tmp_path / "c").exists()
+
+
+def ar_diffusion_overrides(kd_cache, out, *extra):
+    """Stage 1 on the tiny random student, made block-causal (blocks of 4), the clean data kd_cache's x0."""
+    return train_overrides(kd_cache, out, "models.teacher=null", "models.student.attention=block_causal",
+                           "method.num_frames_per_block=4", "training.num_workers=0", "training.ema_decay=0",
+                           "training.eval_samples=2", "training.previews=false", *extra)
+
+
+def test_teacher_forcing_fine_tunes_an_ar_teacher_that_exports_as_one_and_resumes_bit_for_bit(kd_cache,
+                                                                                              tmp_path):
+    import ar_diffusion
+    import ar_teacher
+    import export
+
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    steps = ["training.max_steps=30", "training.checkpoint_every=15", "training.eval_every=30",
+             "training.lr_schedule=constant"]  # the same LR at each step whatever max_steps
+    run_in_process(ar_diffusion.ARDiffusionTrainer, config.load_config(
+        REPO / "configs" / "tiny_causal.yaml", ar_diffusion_overrides(kd_cache, whole, *steps)))
+    for max_steps in (15, 30):  # stopped at its checkpoint, then resumed by a new trainer
+        run_in_process(ar_diffusion.ARDiffusionTrainer, config.load_config(
+            REPO / "configs" / "tiny_causal.yaml",
+            ar_diffusion_overrides(kd_cache, halves, *steps, f"training.max_steps={max_steps}")))
+    losses = [m["loss"] for m in read_jsonl(whole / "metrics.jsonl")]
+    assert [m["loss"] for m in read_jsonl(halves / "metrics.jsonl")] == losses  # bit for bit
+    assert sum(losses[-8:]) / 8 < 0.92 * sum(losses[:8]) / 8  # the flow-matching loss falls (2.83 -> 2.50)
+    final = read_jsonl(whole / "eval.jsonl")[-1]
+    assert {"rollout_error", "rollout_error_streaming", "loss_t999", "loss_t624"} <= set(final)
+    export.export(str(whole), str(tmp_path / "ar_teacher"))
+    assert ar_teacher.ar_frames_per_block(str(tmp_path / "ar_teacher")) == 4
+    model, frames_per_block = ar_teacher.load_ar_teacher(str(tmp_path / "ar_teacher"), torch.device("cpu"))
+    assert frames_per_block == 4 and model.config.num_layers == 2  # the tiny student, now an AR teacher
+    with pytest.raises(errors.ConfigError, match="ar_diffusion.py trains an autoregressive teacher"):
+        ar_diffusion.ARDiffusionTrainer(config.load_config(TINY, ar_diffusion_overrides(
+            kd_cache, tmp_path / "full", "models.student.attention=full")), 0, 1, torch.device("cpu"))
+
+
+def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_context(causal_ode_cache,
+                                                                                      kd_cache, ar_teacher_dir,
+                                                                                      tmp_path, monkeypatch):
+    import kd_causal
+
+    contexts = []
+    velocity = kd.student_velocity
+
+    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None):
+        contexts.append(context)
+        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context)
+
+    monkeypatch.setattr(kd, "student_velocity", spy)
+    out = tmp_path / "run"
+    cfg = config.load_config(REPO / "configs" / "tiny_causal.yaml", causal_ode_overrides(
+        ar_teacher_dir, kd_cache, causal_ode_cache, f"training.output_dir={out}", "training.max_steps=40",
+        "training.eval_every=40", "training.log_every=1", "training.num_workers=0", "training.eval_samples=2",
+        "training.previews=false"))
+    run_in_process(kd_causal.CausalKDTrainer, cfg)
+    assert any(c is not None for c in contexts)  # training and the eval's losses: teacher forcing
+    losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+    final = read_jsonl(out / "eval.jsonl")[-1]
+    assert final["rollout_error"] < final["rollout_error_untrained"]
+    assert final["rollout_error_teacher"] > 0  # the AR teacher's own K steps, after each sample's context
+    assert "loss_t0" not in read_jsonl(out / "metrics.jsonl")[0]  # no block draws the clean entry
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1380,9 +1520,9 @@ def test_the_student_is_conditioned_on_the_matched_grid_timesteps_unless_asked_f
     seen = set()
     velocity = kd.student_velocity
 
-    def spy(model, x_t, t_frames, uniform, prompt_embeds):
+    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None):
         seen.update(t_frames.flatten().tolist())
-        return velocity(model, x_t, t_frames, uniform, prompt_embeds)
+        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context)
 
     monkeypatch.setattr(kd, "student_velocity", spy)  # training, eval, rollouts and previews all call it
     cfg = config.load_config(TINY, train_overrides(
@@ -1566,13 +1706,13 @@ def test_a_model_dir_without_a_vae_has_none_and_bad_preview_options_are_errors_n
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """configs/tiny.yaml as the README runs it (the shipped demo models), shortened to 200 steps; all 256 samples,
+    """configs/tiny.yaml as the README runs it (the shipped demo models), shortened to 100 steps; all 256 samples,
     whose cache the detection-rate test reads."""
     out = tmp_path_factory.mktemp("demo")
     proc = run_script("kd.py", TINY, f"models.student.init_from={DEMO_STUDENT}",
                       f"models.teacher.init_from={DEMO_TEACHER}", f"data.prompts={REPO}/prompts/shapes.txt",
                       f"method.teacher_path_cache={out / 'cache'}", f"training.output_dir={out / 'run'}",
-                      "training.max_steps=200", "training.eval_every=200", "training.checkpoint_every=200",
+                      "training.max_steps=100", "training.eval_every=100", "training.checkpoint_every=100",
                       ranks=2)
     return out, proc
 
@@ -1600,7 +1740,7 @@ def test_the_shipped_demo_teacher_draws_the_prompted_colour_and_shape_and_moves_
 
 def test_the_demo_run_writes_labelled_previews_of_teacher_and_student_rows(demo_run):
     out, proc = demo_run
-    folder = out / "run" / "previews" / "step-200"
+    folder = out / "run" / "previews" / "step-100"
     # the first 2 held out
     assert sorted(os.listdir(folder)) == [f"sample-{i}.{kind}" for i in (248, 249) for kind in ("gif", "png")]
     layout = previews.strip_layout(3, (64, 64), ROW_LABELS, previews.font(128))
