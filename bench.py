@@ -6,6 +6,7 @@
     python bench.py lmdb-pairs [ROWS]  # lmdb_pairs.py throughput at Wan's row shape [5, 21, 16, 60, 104] fp16
     python bench.py solvers   # the teacher's x0 error, Euler vs UniPC, against the exact ODE (docs/cache.md)
     python bench.py ar-generation  # an AR teacher's causal rollout: KV cache vs recomputing the prefix
+    python bench.py block-jumps    # the tiny demo's causal ODE chain: jumps at block boundaries (docs/causal.md)
 
 Every ratio is measured in this run, numerator and denominator under the same conditions: one compute thread
 per process, a "small" random Wan teacher and student (2 layers, width 256, 384 tokens; a forward takes tens
@@ -499,6 +500,70 @@ def ar_generation_table(steps=48, guidance=5.0):
               f"{results[False][1] / results[True][1]:6.2f} {diff:11.1e}")
 
 
+# ---- block jumps -------------------------------------------------------------------------------------------
+JUMP_SAMPLES = 64  # the last samples of the tiny demo's caches
+
+
+def block_jump_ratio(videos, frames_per_block):
+    """Mean |frame f - frame f-1| over the pairs that cross a block boundary, divided by the same within blocks.
+
+    videos [N, C, F, H, W]; 1 where the boundaries are as smooth as the blocks' insides."""
+    steps = (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))  # [F - 1]: pair f-1 -> f
+    crossing = torch.tensor([f % frames_per_block == 0 for f in range(1, videos.shape[2])])
+    return float(steps[crossing].mean() / steps[~crossing].mean())
+
+
+def streamed_students(run, cache_cfg, indices):
+    """x0 [N, C, F, H, W] of a causal run's final student sampling the samples' noise in blocks, K steps each."""
+    import export
+
+    folder = tempfile.mkdtemp(prefix="kd-jumps-")
+    export.export(run, os.path.join(folder, "student"))
+    cfg = config.load_config(os.path.join(run, "config.yaml"))
+    model = models.load_transformer(os.path.join(folder, "student"), torch.device("cpu")).eval()
+    wan_student.make_block_causal(model, cfg.method.num_frames_per_block)
+    wan_student.accept_frame_timesteps(model)
+    grid = teacher_grid(cfg)
+    t_values = torch.tensor(flow_matching.conditioning_timesteps(cfg) + [0.0])
+    sigmas = torch.tensor(grid.student_sigmas + [0.0])
+    dataset = kd.TrajectoryDataset(cache_cfg.method.teacher_path_cache, grid.entry_positions,
+                                   cfg.pipeline.max_sequence_length)
+    frames = json.loads(open(os.path.join(cache_cfg.method.teacher_path_cache, "metadata.json")).read())[
+        "latent_shape"][1]
+    out = []
+    with torch.no_grad():
+        for i in indices:
+            item = dataset[(i, (0,) * frames)]  # entry 0: the sample's initial noise
+            out.append(kd.streaming_sample(model, item["x_t"][None].float(), item["prompt_embeds"][None].float(),
+                                           t_values, sigmas, cfg.method.num_frames_per_block)[0])
+    shutil.rmtree(folder)
+    return torch.stack(out)
+
+
+def block_jump_table():
+    """The tiny demo's causal ODE chain (configs/tiny_ar.yaml, tiny_causal_ode.yaml, tiny_causal.yaml, their
+    runs and caches in place): the block-jump ratio of each teacher's samples and each student's streaming."""
+    torch.set_num_threads(2)
+    bidirectional = config.load_config(os.path.join(REPO, "configs", "tiny_causal.yaml"))
+    causal = config.load_config(os.path.join(REPO, "configs", "tiny_causal_ode.yaml"))
+    n, block = bidirectional.data.num_samples, causal.method.num_frames_per_block
+    indices = range(n - JUMP_SAMPLES, n)
+    x0 = {name: torch.stack([cache_format.read_x0(c.method.teacher_path_cache, i)[0].float() for i in indices])
+          for name, c in (("bidirectional", bidirectional), ("causal", causal))}
+    rows = {
+        "(a) bidirectional teacher, 48 steps (its cached x0)": x0["bidirectional"],
+        "(a) AR teacher, 48 steps after the clean data (its cached x0)": x0["causal"],
+        "(b) causal student on bidirectional pairs, streaming": streamed_students(
+            bidirectional.training.output_dir, bidirectional, indices),
+        "(c) causal student on causal ODE pairs, streaming": streamed_students(
+            causal.training.output_dir, bidirectional, indices),
+    }
+    print(f"bench.py block-jumps: the tiny demo, {JUMP_SAMPLES} samples, {x0['causal'].shape[2]} latent frames in "
+          f"blocks of {block}; mean |frame f - frame f-1| across block boundaries / within blocks")
+    for name, videos in rows.items():
+        print(f"  {name:<66} {block_jump_ratio(videos, block):6.3f}")
+
+
 if __name__ == "__main__":
     mode = sys.argv[1:2]
     if mode == ["memory-variant"]:
@@ -510,6 +575,8 @@ if __name__ == "__main__":
         print(json.dumps(training_times(sys.argv[2], sys.argv[3])))
     elif mode == ["memory"]:
         memory_table()
+    elif mode == ["block-jumps"]:
+        block_jump_table()
     elif mode == ["ar-generation"]:
         ar_generation_table()
     elif mode == ["solvers"]:

@@ -242,10 +242,56 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
     return checkpoint
 
 
+FSDP_PREFIX = "_fsdp_wrapped_module."  # FSDP1's wrapper names, in Causal Forcing's EMA copies
+
+
+def convert_causal_forcing(path, base, output_dir, frames_per_block, ema=False, overwrite=False):
+    """Causal Forcing's released AR teacher (its ar_diffusion.pt: {"generator": {"model.<Wan key>": tensor}},
+    "generator_ema" when kept, names maybe FSDP-wrapped) as our AR teacher directory: `base`'s other components,
+    its transformer config with these weights, every key matched (strictly), block_causal_frames recorded."""
+    if os.path.exists(output_dir) and not overwrite:
+        raise ConfigError(f"--output-dir {output_dir} already exists; pass --overwrite to replace it")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CacheError(f"--causal-forcing: cannot read {path}: {type(e).__name__}: {e}") from None
+    key = "generator_ema" if ema else "generator"
+    if not isinstance(saved, dict) or key not in saved:
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ConfigError(f"--causal-forcing: {path} has no {key!r} entry (found {found}); expected Causal "
+                          "Forcing's {'generator': {'model.<Wan key>': tensor}, ...}")
+    weights = from_wan_keys({k.replace(FSDP_PREFIX, ""): v for k, v in saved[key].items()})
+    model = load_transformer(base, torch.device("cpu"))
+    missing, unexpected = (sorted(set(a) - set(b)) for a, b in ((model.state_dict(), weights),
+                                                                 (weights, model.state_dict())))
+    if missing or unexpected:
+        raise ConfigError(f"--causal-forcing: {path}'s {key} does not match {base}'s transformer: "
+                          f"{len(missing)} missing ({', '.join(missing[:3])}), {len(unexpected)} unexpected "
+                          f"({', '.join(unexpected[:3])}); nothing written")
+    model.load_state_dict(weights, strict=True)
+    model.register_to_config(**{AR_CONFIG_KEY: frames_per_block})
+    tmp = os.path.normpath(output_dir) + TMP_SUFFIX
+    shutil.rmtree(tmp, ignore_errors=True)
+    link_or_copy_tree(base_model_dir(base), tmp, skip="transformer")
+    model.save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True, max_shard_size="5GB")
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.rename(tmp, output_dir)
+    print(f"converted {path} ({key}, {len(weights)} tensors) to the AR teacher directory {output_dir} "
+          f"(blocks of {frames_per_block} latent frames)")
+
+
 def main(argv):
-    """export.py --checkpoint RUN_OR_CHECKPOINT --output-dir DIR [--dtype D] [--verify] [--self-forcing F]."""
+    """export.py --checkpoint RUN_OR_CHECKPOINT --output-dir DIR [--dtype D] [--verify] [--self-forcing F], or
+    export.py --causal-forcing AR_DIFFUSION_PT --base WAN_DIR --frames-per-block N --output-dir DIR [--ema]."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a run's output_dir or one checkpoint-N folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run's output_dir or one checkpoint-N folder")
+    source.add_argument("--causal-forcing", metavar="FILE",
+                        help="instead: convert Causal Forcing's ar_diffusion.pt to an AR teacher directory")
+    parser.add_argument("--base", help="with --causal-forcing: the Wan directory or hub id it was trained from")
+    parser.add_argument("--frames-per-block", type=int,
+                        help="with --causal-forcing: its latent frames per block (chunkwise 3, framewise 1)")
     parser.add_argument("--output-dir", required=True, help="the diffusers Wan directory to write")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                         help="dtype of the exported weights")
@@ -258,6 +304,12 @@ def main(argv):
                         help="export the EMA weights (training.ema_decay) to --output-dir, not the raw ones")
     args = parser.parse_args(argv)
     if os.environ.get("RANK", "0") != "0":  # under torchrun one process does the export
+        return
+    if args.causal_forcing:
+        if args.base is None or args.frames_per_block is None or args.frames_per_block < 1:
+            parser.error("--causal-forcing needs --base and --frames-per-block (a positive number)")
+        convert_causal_forcing(args.causal_forcing, args.base, args.output_dir, args.frames_per_block, args.ema,
+                               args.overwrite)
         return
     export(args.checkpoint, args.output_dir, args.dtype, args.overwrite, args.verify, args.self_forcing,
            args.ema)

@@ -1469,6 +1469,37 @@ def test_teacher_forcing_fine_tunes_an_ar_teacher_that_exports_as_one_and_resume
             kd_cache, tmp_path / "full", "models.student.attention=full")), 0, 1, torch.device("cpu"))
 
 
+def test_causal_forcings_released_ar_teacher_converts_strictly_to_an_ar_teacher_directory(tmp_path):
+    import ar_teacher
+    import export
+
+    base = REPO / "tiny_models" / "wan-tiny-student"
+    g = torch.Generator().manual_seed(0)
+    weights = {k: v + 0.01 * torch.randn(v.shape, generator=g)  # not the base's weights
+               for k, v in models.load_transformer(str(base), torch.device("cpu")).state_dict().items()}
+    wan = export.to_wan_keys(weights)  # {"model.<Wan key>": tensor}, Causal Forcing's generator layout
+    fsdp = {k.replace("model.", "model._fsdp_wrapped_module.", 1): v for k, v in wan.items()}  # its EMA copy's
+    torch.save({"generator": {k: torch.zeros_like(v) for k, v in wan.items()}, "generator_ema": fsdp},
+               tmp_path / "ar_diffusion.pt")
+    status, _, stderr = run_cli_in_process(export.main, "--causal-forcing", tmp_path / "ar_diffusion.pt",
+                                           "--base", base, "--frames-per-block", 3, "--output-dir",
+                                           tmp_path / "ar", "--ema")
+    assert status == 0, stderr
+    assert ar_teacher.ar_frames_per_block(str(tmp_path / "ar")) == 3
+    converted = models.load_transformer(str(tmp_path / "ar"), torch.device("cpu")).state_dict()
+    assert converted.keys() == weights.keys() and all(torch.equal(converted[k], v) for k, v in weights.items())
+    del wan["model.head.head.weight"]
+    wan["model.blocks.0.extra.weight"] = torch.zeros(1)
+    torch.save({"generator": wan}, tmp_path / "broken.pt")
+    status, _, stderr = run_cli_in_process(export.main, "--causal-forcing", tmp_path / "broken.pt", "--base", base,
+                                           "--frames-per-block", 3, "--output-dir", tmp_path / "out")
+    assert status == 2 and "broken.pt's generator does not match" in stderr and "1 missing (proj_out.weight)" in stderr
+    assert "1 unexpected" in stderr and len(stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    status, _, stderr = run_cli_in_process(export.main, "--causal-forcing", tmp_path / "broken.pt", "--base", base,
+                                           "--frames-per-block", 3, "--output-dir", tmp_path / "out", "--ema")
+    assert status == 2 and "has no 'generator_ema' entry (found ['generator'])" in stderr
+
+
 def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_context(causal_ode_cache,
                                                                                       kd_cache, ar_teacher_dir,
                                                                                       tmp_path, monkeypatch):
