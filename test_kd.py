@@ -1374,18 +1374,26 @@ def causal_ode_overrides(ar_dir, context, cache, *extra):
 
 
 @pytest.fixture(scope="module")
-def causal_ode_cache(ar_teacher_dir, kd_cache, tmp_path_factory):
-    """16 samples of the tiny AR teacher's causal ODE pairs, their context kd_cache's x0."""
+def stage1_teacher(stage1_run):
+    """Stage 1's exported AR teacher directory."""
+    return stage1_run / "ar_teacher"
+
+
+@pytest.fixture(scope="module")
+def causal_ode_cache(stage1_run, kd_cache, tmp_path_factory):
+    """16 samples of causal ODE pairs by stage 1's AR teacher, their context kd_cache's x0: stages 1 and 2a end
+    to end."""
     cache = tmp_path_factory.mktemp("causal") / "cache"
-    generate_cache.generate_cache(config.load_config(TINY, causal_ode_overrides(ar_teacher_dir, kd_cache, cache)))
+    generate_cache.generate_cache(config.load_config(TINY, causal_ode_overrides(stage1_run / "ar_teacher", kd_cache,
+                                                                                cache)))
     return cache
 
 
 def test_a_causal_ode_cache_holds_the_ar_teachers_block_by_block_states_and_their_clean_context(
-        causal_ode_cache, kd_cache, ar_teacher_dir):
+        causal_ode_cache, kd_cache, stage1_teacher):
     import ar_teacher
 
-    cfg = config.load_config(TINY, causal_ode_overrides(ar_teacher_dir, kd_cache, causal_ode_cache))
+    cfg = config.load_config(TINY, causal_ode_overrides(stage1_teacher, kd_cache, causal_ode_cache))
     meta = json.loads((causal_ode_cache / "metadata.json").read_text())
     assert meta["causal_ode"]["frames_per_block"] == 4 and len(meta["causal_ode"]["context_sha256"]) == 64
     tensors, _ = read_sample(cache_format.sample_path(causal_ode_cache, 3))
@@ -1393,7 +1401,7 @@ def test_a_causal_ode_cache_holds_the_ar_teachers_block_by_block_states_and_thei
     assert latents.shape == (6, 16, 6, 8, 8)  # 4 states at t_list, the generated x0, then the context
     clean = read_sample(cache_format.sample_path(kd_cache, 3))[0]["latents"][-1]
     assert torch.equal(latents[-1], clean)  # the bidirectional teacher's x0: the clean data
-    model, frames_per_block = ar_teacher.load_ar_teacher(str(ar_teacher_dir), torch.device("cpu"))
+    model, frames_per_block = ar_teacher.load_ar_teacher(str(stage1_teacher), torch.device("cpu"))
     negative = read_sample(cache_format.negative_embeds_path(causal_ode_cache))[0]["prompt_embeds"]
     grid = flow_matching.teacher_grid(cfg)
     expected = ar_teacher.causal_rollout(
@@ -1406,13 +1414,13 @@ def test_a_causal_ode_cache_holds_the_ar_teachers_block_by_block_states_and_thei
 
 
 def test_causal_ode_caches_and_bidirectional_ones_are_never_taken_for_each_other(causal_ode_cache, kd_cache,
-                                                                                 ar_teacher_dir, tmp_path):
+                                                                                 stage1_teacher, tmp_path):
     with pytest.raises(errors.CacheError, match=r"causal_ode: config False, cache \{'frames_per_block': 4"):
         cache_format.open_cache(tiny_config(causal_ode_cache, "data.num_samples=16"))
-    causal = config.load_config(TINY, causal_ode_overrides(ar_teacher_dir, kd_cache, kd_cache))
+    causal = config.load_config(TINY, causal_ode_overrides(stage1_teacher, kd_cache, kd_cache))
     with pytest.raises(errors.CacheError, match=r"causal_ode: config \{'frames_per_block': 4.*\}, cache False"):
         cache_format.open_cache(causal)
-    cfg = config.load_config(TINY, causal_ode_overrides(ar_teacher_dir, kd_cache, causal_ode_cache,
+    cfg = config.load_config(TINY, causal_ode_overrides(stage1_teacher, kd_cache, causal_ode_cache,
                                                         f"training.output_dir={tmp_path / 'run'}"))
     with pytest.raises(errors.ConfigError, match="holds causal ODE pairs: train a block-causal student"):
         run_in_process(kd.KDTrainer, cfg)
@@ -1440,33 +1448,69 @@ def ar_diffusion_overrides(kd_cache, out, *extra):
                            "training.eval_samples=2", "training.previews=false", *extra)
 
 
-def test_teacher_forcing_fine_tunes_an_ar_teacher_that_exports_as_one_and_resumes_bit_for_bit(kd_cache,
-                                                                                              tmp_path):
+STAGE1_STEPS = ["training.max_steps=30", "training.checkpoint_every=15", "training.eval_every=30",
+                "training.lr_schedule=constant"]  # the same LR at each step whatever max_steps
+
+
+@pytest.fixture(scope="module")
+def stage1_run(kd_cache, tmp_path_factory):
+    """Stage 1 (ar_diffusion.py, 30 steps) on the tiny random student made block-causal, and its export: the AR
+    teacher (blocks of 4) that the causal ODE tests generate with."""
     import ar_diffusion
-    import ar_teacher
     import export
 
-    whole, halves = tmp_path / "whole", tmp_path / "halves"
-    steps = ["training.max_steps=30", "training.checkpoint_every=15", "training.eval_every=30",
-             "training.lr_schedule=constant"]  # the same LR at each step whatever max_steps
+    root = tmp_path_factory.mktemp("stage1")
     run_in_process(ar_diffusion.ARDiffusionTrainer, config.load_config(
-        REPO / "configs" / "tiny_causal.yaml", ar_diffusion_overrides(kd_cache, whole, *steps)))
+        REPO / "configs" / "tiny_causal.yaml", ar_diffusion_overrides(kd_cache, root / "run", *STAGE1_STEPS)))
+    export.export(str(root / "run"), str(root / "ar_teacher"))
+    return root
+
+
+def test_teacher_forcing_fine_tunes_an_ar_teacher_that_exports_as_one_and_resumes_bit_for_bit(stage1_run,
+                                                                                              kd_cache, tmp_path):
+    import ar_diffusion
+    import ar_teacher
+
     for max_steps in (15, 30):  # stopped at its checkpoint, then resumed by a new trainer
         run_in_process(ar_diffusion.ARDiffusionTrainer, config.load_config(
             REPO / "configs" / "tiny_causal.yaml",
-            ar_diffusion_overrides(kd_cache, halves, *steps, f"training.max_steps={max_steps}")))
-    losses = [m["loss"] for m in read_jsonl(whole / "metrics.jsonl")]
-    assert [m["loss"] for m in read_jsonl(halves / "metrics.jsonl")] == losses  # bit for bit
+            ar_diffusion_overrides(kd_cache, tmp_path / "halves", *STAGE1_STEPS, f"training.max_steps={max_steps}")))
+    losses = [m["loss"] for m in read_jsonl(stage1_run / "run" / "metrics.jsonl")]
+    assert [m["loss"] for m in read_jsonl(tmp_path / "halves" / "metrics.jsonl")] == losses  # bit for bit
     assert sum(losses[-8:]) / 8 < 0.92 * sum(losses[:8]) / 8  # the flow-matching loss falls (2.83 -> 2.50)
-    final = read_jsonl(whole / "eval.jsonl")[-1]
+    final = read_jsonl(stage1_run / "run" / "eval.jsonl")[-1]
     assert {"rollout_error", "rollout_error_streaming", "loss_t999", "loss_t624"} <= set(final)
-    export.export(str(whole), str(tmp_path / "ar_teacher"))
-    assert ar_teacher.ar_frames_per_block(str(tmp_path / "ar_teacher")) == 4
-    model, frames_per_block = ar_teacher.load_ar_teacher(str(tmp_path / "ar_teacher"), torch.device("cpu"))
+    assert ar_teacher.ar_frames_per_block(str(stage1_run / "ar_teacher")) == 4
+    model, frames_per_block = ar_teacher.load_ar_teacher(str(stage1_run / "ar_teacher"), torch.device("cpu"))
     assert frames_per_block == 4 and model.config.num_layers == 2  # the tiny student, now an AR teacher
     with pytest.raises(errors.ConfigError, match="ar_diffusion.py trains an autoregressive teacher"):
         ar_diffusion.ARDiffusionTrainer(config.load_config(TINY, ar_diffusion_overrides(
             kd_cache, tmp_path / "full", "models.student.attention=full")), 0, 1, torch.device("cpu"))
+
+
+def causal_forcing_layout(cfg, generator):
+    """{name: tensor} of a T2V CausalWanModel with the dimensions of a diffusers Wan config, its names as Causal
+    Forcing's wan/modules/causal_model.py defines them (norm1, norm2 and the head's norm hold no parameters)."""
+    dim, ffn, text, freq = cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim, cfg.text_dim, cfg.freq_dim
+    p_t, p_h, p_w = cfg.patch_size
+    shapes = {"patch_embedding.weight": (dim, cfg.in_channels, p_t, p_h, p_w), "patch_embedding.bias": (dim,),
+              "text_embedding.0.weight": (dim, text), "text_embedding.0.bias": (dim,),
+              "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
+              "time_embedding.0.weight": (dim, freq), "time_embedding.0.bias": (dim,),
+              "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
+              "time_projection.1.weight": (6 * dim, dim), "time_projection.1.bias": (6 * dim,),
+              "head.head.weight": (cfg.out_channels * p_t * p_h * p_w, dim),
+              "head.head.bias": (cfg.out_channels * p_t * p_h * p_w,), "head.modulation": (1, 2, dim)}
+    for i in range(cfg.num_layers):
+        for attn in ("self_attn", "cross_attn"):
+            for proj in "qkvo":
+                shapes |= {f"blocks.{i}.{attn}.{proj}.weight": (dim, dim), f"blocks.{i}.{attn}.{proj}.bias": (dim,)}
+            shapes |= {f"blocks.{i}.{attn}.norm_q.weight": (dim,), f"blocks.{i}.{attn}.norm_k.weight": (dim,)}
+        shapes |= {f"blocks.{i}.norm3.weight": (dim,), f"blocks.{i}.norm3.bias": (dim,),
+                   f"blocks.{i}.ffn.0.weight": (ffn, dim), f"blocks.{i}.ffn.0.bias": (ffn,),
+                   f"blocks.{i}.ffn.2.weight": (dim, ffn), f"blocks.{i}.ffn.2.bias": (dim,),
+                   f"blocks.{i}.modulation": (1, 6, dim)}
+    return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
 
 
 def test_causal_forcings_released_ar_teacher_converts_strictly_to_an_ar_teacher_directory(tmp_path):
@@ -1474,10 +1518,9 @@ def test_causal_forcings_released_ar_teacher_converts_strictly_to_an_ar_teacher_
     import export
 
     base = REPO / "tiny_models" / "wan-tiny-student"
-    g = torch.Generator().manual_seed(0)
-    weights = {k: v + 0.01 * torch.randn(v.shape, generator=g)  # not the base's weights
-               for k, v in models.load_transformer(str(base), torch.device("cpu")).state_dict().items()}
-    wan = export.to_wan_keys(weights)  # {"model.<Wan key>": tensor}, Causal Forcing's generator layout
+    layout = causal_forcing_layout(models.load_transformer(str(base), torch.device("cpu")).config,
+                                   torch.Generator().manual_seed(0))
+    wan = {f"model.{name}": tensor for name, tensor in layout.items()}  # its generator's wrapper: `.model`
     fsdp = {k.replace("model.", "model._fsdp_wrapped_module.", 1): v for k, v in wan.items()}  # its EMA copy's
     torch.save({"generator": {k: torch.zeros_like(v) for k, v in wan.items()}, "generator_ema": fsdp},
                tmp_path / "ar_diffusion.pt")
@@ -1487,7 +1530,8 @@ def test_causal_forcings_released_ar_teacher_converts_strictly_to_an_ar_teacher_
     assert status == 0, stderr
     assert ar_teacher.ar_frames_per_block(str(tmp_path / "ar")) == 3
     converted = models.load_transformer(str(tmp_path / "ar"), torch.device("cpu")).state_dict()
-    assert converted.keys() == weights.keys() and all(torch.equal(converted[k], v) for k, v in weights.items())
+    back = export.to_wan_keys(converted)  # our Self-Forcing map, the other way: every tensor back in place
+    assert back.keys() == wan.keys() and all(torch.equal(back[k], v) for k, v in wan.items())
     del wan["model.head.head.weight"]
     wan["model.blocks.0.extra.weight"] = torch.zeros(1)
     torch.save({"generator": wan}, tmp_path / "broken.pt")
@@ -1501,7 +1545,7 @@ def test_causal_forcings_released_ar_teacher_converts_strictly_to_an_ar_teacher_
 
 
 def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_context(causal_ode_cache,
-                                                                                      kd_cache, ar_teacher_dir,
+                                                                                      kd_cache, stage1_teacher,
                                                                                       tmp_path, monkeypatch):
     import kd_causal
 
@@ -1515,7 +1559,7 @@ def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_co
     monkeypatch.setattr(kd, "student_velocity", spy)
     out = tmp_path / "run"
     cfg = config.load_config(REPO / "configs" / "tiny_causal.yaml", causal_ode_overrides(
-        ar_teacher_dir, kd_cache, causal_ode_cache, f"training.output_dir={out}", "training.max_steps=40",
+        stage1_teacher, kd_cache, causal_ode_cache, f"training.output_dir={out}", "training.max_steps=40",
         "training.eval_every=40", "training.log_every=1", "training.num_workers=0", "training.eval_samples=2",
         "training.previews=false"))
     run_in_process(kd_causal.CausalKDTrainer, cfg)
@@ -1533,13 +1577,17 @@ def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_co
 
 
 def run_in_process(trainer_cls, cfg):
-    """prepare() and train() one trainer in this process (a one-rank gloo group)."""
+    """prepare() and train() one trainer in this process (a one-rank gloo group), on one thread: the same floats
+    whatever thread count the tests before it left."""
     rank, world_size, device = distributed.init_distributed()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         trainer = trainer_cls(cfg, rank, world_size, device)
         trainer.prepare()
         trainer.train()
     finally:
+        torch.set_num_threads(threads)
         distributed.shutdown_distributed()
 
 
