@@ -47,7 +47,14 @@ def load_ar_teacher(init_from, device):
     if frames is None:
         raise ConfigError(f"{init_from} is not an AR teacher: its transformer/config.json has no "
                           f"{AR_CONFIG_KEY} (a bidirectional teacher's trajectories are not causal)")
-    model = load_transformer(init_from, device, compute_dtype(device)).eval().requires_grad_(False)
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # diffusers would warn that it does not know block_causal_frames
+    try:
+        model = load_transformer(init_from, device, compute_dtype(device)).eval().requires_grad_(False)
+    finally:
+        diffusers_logging.set_verbosity(level)
     make_block_causal(model, frames)
     accept_frame_timesteps(model)
     return model, frames
