@@ -308,9 +308,13 @@ def main(argv):
     if args.causal_forcing:
         if args.base is None or args.frames_per_block is None or args.frames_per_block < 1:
             parser.error("--causal-forcing needs --base and --frames-per-block (a positive number)")
+        if args.verify or args.self_forcing or args.dtype != "fp32":
+            parser.error("--verify, --self-forcing and --dtype apply to --checkpoint, not --causal-forcing")
         convert_causal_forcing(args.causal_forcing, args.base, args.output_dir, args.frames_per_block, args.ema,
                                args.overwrite)
         return
+    if args.base is not None or args.frames_per_block is not None:
+        parser.error("--base and --frames-per-block apply to --causal-forcing, not --checkpoint")
     export(args.checkpoint, args.output_dir, args.dtype, args.overwrite, args.verify, args.self_forcing,
            args.ema)
 

@@ -1542,6 +1542,9 @@ def test_causal_forcings_released_ar_teacher_converts_strictly_to_an_ar_teacher_
     status, _, stderr = run_cli_in_process(export.main, "--causal-forcing", tmp_path / "broken.pt", "--base", base,
                                            "--frames-per-block", 3, "--output-dir", tmp_path / "out", "--ema")
     assert status == 2 and "has no 'generator_ema' entry (found ['generator'])" in stderr
+    status, _, stderr = run_cli_in_process(export.main, "--causal-forcing", tmp_path / "broken.pt", "--base", base,
+                                           "--output-dir", tmp_path / "out")
+    assert status == 2 and "--causal-forcing needs --base and --frames-per-block" in stderr
 
 
 def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_context(causal_ode_cache,
