@@ -35,6 +35,8 @@ TRAINING_POINTS = 1000  # the shifted grid the blocks' noise levels are drawn fr
 class ARDiffusionTrainer(kd_causal.CausalKDTrainer):
     """KDTrainer whose loss is teacher-forced flow matching on the cache's clean x0."""
 
+    loss_name = "flow-matching loss"
+
     def __init__(self, cfg, rank, world_size, device):
         super().__init__(cfg, rank, world_size, device)
         if cfg.models.student.attention != "block_causal":

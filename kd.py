@@ -142,11 +142,9 @@ class KDBatchSampler:
         self.seed, self.num_frames, self.sample_steps, self.start = seed, num_frames, sample_steps, start
         self.per_epoch = len(train_indices) // world_size // batch_size
         if self.per_epoch < 1:
-            raise ConfigError(
-                f"{len(train_indices)} training samples cannot fill one batch of training.batch_size="
-                f"{batch_size} on each of {world_size} ranks; generate more samples or lower "
-                "training.eval_samples"
-            )
+            raise ConfigError(f"{len(train_indices)} training samples cannot fill one batch of training.batch_size="
+                              f"{batch_size} on each of {world_size} ranks; generate more samples or lower "
+                              "training.eval_samples")
 
     def batch(self, position):
         """Micro-batch `position` of this rank: [(sample index, per-frame step indices)] * batch_size."""
@@ -239,6 +237,7 @@ class KDTrainer:
     step, and at its intervals a log line, an eval and a checkpoint."""
 
     causal_ode = False  # the cache holds an AR teacher's pairs, each with its clean context (read with the data)
+    loss_name = "kd loss"  # in the eval's console line
 
     def __init__(self, cfg, rank, world_size, device):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
@@ -474,7 +473,7 @@ class KDTrainer:
             self.write_eval_previews()
         self.append_jsonl("eval.jsonl", {"step": self.step, **result,
                                          **{f"rollout_error_{k}": v for k, v in self.references.items()}})
-        self.log(eval_line(self.step, result, self.references, self.num_steps))
+        self.log(eval_line(self.step, result, self.references, self.num_steps, self.loss_name))
         return result
 
     # -- the loop -----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ def reference_path(output_dir):
     return os.path.join(output_dir, "eval_reference.json")
 
 
-def eval_line(step, result, refs, num_steps):
+def eval_line(step, result, refs, num_steps, loss_name="kd loss"):
     """The console line of an eval: the held-out losses, then the student's rollout error (streaming, EMA when
     measured) beside the untrained student's and the teacher's own K steps."""
     teacher = f"{refs['teacher']:.5f}" if "teacher" in refs else "n/a (no teacher configured)"
@@ -27,7 +27,7 @@ def eval_line(step, result, refs, num_steps):
         student += f", EMA {result['rollout_error_ema']:.5f}"
         if "rollout_error_streaming_ema" in result:
             student += f" (streaming {result['rollout_error_streaming_ema']:.5f})"
-    return (f"eval step {step}: kd loss {result['loss']:.5f} ({per_entry}) | rollout error: student {student}, "
+    return (f"eval step {step}: {loss_name} {result['loss']:.5f} ({per_entry}) | rollout error: student {student}, "
             f"untrained student {untrained}, teacher {num_steps}-step {teacher}")
 
 
