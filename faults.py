@@ -15,7 +15,10 @@
    completes;
 5. hundreds of random mutations of the shipped configs: each one a one-line ConfigError naming the field;
 6. a non-finite value injected at a random step (into a batch or into the weights): the run stops with a
-   message and no checkpoint holds non-finite weights.
+   message and no checkpoint holds non-finite weights;
+7. causal ODE (an AR teacher): its generation and its stage-1 teacher forcing (ar_diffusion.py) SIGKILLed at a
+   random moment, then rerun, must equal the uninterrupted cache and logs; a bit flipped in a sample's clean
+   context latent is refused by the read that uses it, naming the file, and regeneration rewrites that file.
 
 Every run is a real subprocess of the real scripts (torchrun for two ranks); faults are injected from outside,
 except scenario 6, whose run is kd.main with a KDTrainer subclass that poisons one step. Exit status 1 if any
@@ -51,6 +54,7 @@ from processes import command, kill, run, start, wait_for
 REPO = Path(__file__).resolve().parent
 TINY = REPO / "configs" / "tiny.yaml"
 SHIPPED_CONFIGS = ["tiny.yaml", "tiny_causal.yaml", "wan.yaml", "wan_causal.yaml"]
+AR_FRAMES_PER_BLOCK = 3  # scenario 7's AR teacher: the random tiny teacher, 6 latent frames in blocks of 3
 NUM_SAMPLES = 6
 TRAIN_STEPS = 30
 CHECKPOINT_EVERY = 5
@@ -286,8 +290,8 @@ def training_reads(cache, reference, bad_paths):
     """
     import torch
 
-    dataset = kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)
-    reference_set = kd.TrajectoryDataset(str(reference), [0, 1, 2, 3], 512)
+    dataset = kd.TrajectoryDataset(str(cache), [0, 1, 2, 3, 4], 512)
+    reference_set = kd.TrajectoryDataset(str(reference), [0, 1, 2, 3, 4], 512)
     refused, wrong = set(), 0
     for index in range(NUM_SAMPLES):
         for step in range(4):
@@ -693,6 +697,95 @@ def non_finite(trials, rng, work, cache):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 7. Causal ODE: an AR teacher's generation and stage 1 killed, a context latent corrupted
+
+
+def latents_byte_offset(path, state, frame):
+    """File offset of element [state, 0, frame, 0, 0] of a sample file's bf16 latents (from its safetensors
+    header)."""
+    raw = Path(path).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    entry = json.loads(raw[8 : 8 + header_len])["latents"]
+    _, channels, frames, height, width = entry["shape"]
+    return 8 + header_len + entry["data_offsets"][0] + (state * channels * frames + frame) * height * width * 2
+
+
+def flip_bit(path, offset, bit=0):
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 1 << bit
+    Path(path).write_bytes(bytes(data))
+
+
+def causal_ode_faults(trials, rng, work, reference, write_seconds):
+    outcome = Outcome("7. causal ODE: generation / teacher forcing SIGKILLed, context latent corrupted")
+    ar_dir = work / "ar_teacher"
+    shutil.copytree(REPO / "tiny_models" / "wan-tiny-teacher", ar_dir)
+    transformer = ar_dir / "transformer" / "config.json"
+    transformer.write_text(json.dumps({**json.loads(transformer.read_text()),
+                                       "block_causal_frames": AR_FRAMES_PER_BLOCK}))
+
+    def generation(cache):  # the AR teacher's pairs, its context the reference cache's x0
+        return overrides(cache, f"models.teacher.init_from={ar_dir}", f"method.context_cache={reference}",
+                         f"method.num_frames_per_block={AR_FRAMES_PER_BLOCK}")
+
+    def teacher_forcing(out):  # stage 1 of the random tiny student on the reference cache's x0
+        return [TINY, *train_overrides(reference, out, "models.teacher=null", "models.student.attention=block_causal",
+                                       f"method.num_frames_per_block={AR_FRAMES_PER_BLOCK}")]
+
+    causal = work / "causal_reference"
+    quietly(generate_cache.generate_cache, config.load_config(TINY, generation(causal)))
+    stage1 = work / "ar_reference"
+    stage1_seconds = timed_run(command("ar_diffusion.py", teacher_forcing(stage1)), stage1 / "metrics.jsonl")
+    for trial in range(trials):
+        cache = work / f"causal_kill_{trial}"
+        cmd = command("generate_cache.py", [TINY, *generation(cache)])
+        proc = start(cmd)
+        wait_for(cache / "metadata.json", proc)
+        time.sleep(rng.uniform(0, 0.8 * write_seconds))
+        kill(proc)
+        written = count_samples(cache)
+        rerun = run(cmd)
+        damage = cache_damage(cache, causal) if rerun.returncode == 0 else ["generation rerun failed"]
+
+        out = work / f"ar_kill_{trial}"
+        cmd = command("ar_diffusion.py", teacher_forcing(out))
+        proc = start(cmd)
+        wait_for(out / "metrics.jsonl", proc)
+        time.sleep(rng.uniform(0, 0.9 * stage1_seconds))
+        kill(proc)
+        newest = (complete_checkpoint_steps(out) or [None])[-1]
+        resumed = run(cmd)
+        lines = log_damage(out, stage1) if resumed.returncode == 0 else 1
+        right_start = resumed_step(resumed.stdout + resumed.stderr) == newest
+
+        index, frame = rng.randrange(NUM_SAMPLES), rng.randrange(6)
+        path = cache_format.sample_path(str(cache), index)
+        context = len(json.loads((causal / "metadata.json").read_text())["timesteps"])  # the entry after x0
+        flip_bit(path, latents_byte_offset(path, context, frame) + rng.randrange(2), rng.randrange(8))
+        dataset = kd.TrajectoryDataset(str(cache), [0, 1, 2, 3, 4], 512, context=True)
+        try:
+            dataset[(index, (0,) * 6)]
+            refused = False
+        except errors.CacheError as e:
+            refused = path in str(e) and f"latents[{context}, :, {frame}]" in str(e)
+        quietly(generate_cache.generate_cache, config.load_config(TINY, generation(cache)))
+        repaired = cache_damage(cache, causal)
+
+        outcome.trials += 1
+        outcome.bad_inputs += 1
+        outcome.clear += refused
+        outcome.survived += not damage and lines == 0 and right_start and refused and not repaired
+        outcome.lost += len(damage) + lines + len(repaired)
+        report(outcome, trial, f"generation killed with {written}/{NUM_SAMPLES} samples written; teacher forcing "
+               f"killed, resumed at {newest}; context latent of sample {index}, frame {frame} flipped: "
+               f"{'refused' if refused else 'NOT refused'}",
+               damage + repaired + ([] if lines == 0 and right_start else ["stage 1 resumed wrong"]))
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return outcome
+
+
 def report(outcome, trial, text, problems):
     status = "ok" if not problems else "FAILED: " + "; ".join(map(str, problems[:5]))
     print(f"  [{outcome.scenario[:2]} trial {trial + 1}] {text} -> {status}", flush=True)
@@ -715,8 +808,8 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     parser.add_argument("--jobs", type=int, default=2, help="scenarios run at a time (default 2: two cores)")
     args = parser.parse_args()
-    trials = dict(gen=1, train=1, corrupt=1, disk=2, fuzz=300, nan=1) if args.quick else \
-        dict(gen=10, train=12, corrupt=12, disk=12, fuzz=1000, nan=10)
+    trials = dict(gen=1, train=1, corrupt=1, disk=2, fuzz=300, nan=1, causal=1) if args.quick else \
+        dict(gen=10, train=12, corrupt=12, disk=12, fuzz=1000, nan=10, causal=6)
     os.chdir(REPO)  # the shipped configs name their paths relative to the repository
     sys.path.insert(0, str(REPO))
     import torch
@@ -770,7 +863,8 @@ def campaign(trials, seed, work, quick, jobs):
                  lambda rng: training_kills(trials["train"], rng, work, reference, references),
                  lambda rng: cache_corruptions(trials["corrupt"], rng, work, reference),
                  lambda rng: disk_full(trials["disk"], rng, work, reference, references[1][0], tmpfs),
-                 lambda rng: non_finite(trials["nan"], rng, work, reference)]
+                 lambda rng: non_finite(trials["nan"], rng, work, reference),
+                 lambda rng: causal_ode_faults(trials["causal"], rng, work, reference, write_seconds)]
 
     def timed(index):
         began = time.time()

@@ -85,7 +85,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
                 runs.append(latents[self.positions[steps[start]], :, start:end])
                 start = end
         x_t = torch.cat(runs, dim=1)  # [C, F, H, W]
-        kept = [self.positions[-1]] + [-1] * self.context  # x0, and a causal ODE cache's context after it
+        kept = [self.positions[-1]] + [len(crcs) - 1] * self.context  # x0, and a causal ODE cache's context last
         x0, *context = (latents[k] for k in kept)  # [C, F, H, W] each
         embeds = verified_tensor(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path,
                                  "prompt_embeds")

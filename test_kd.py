@@ -24,6 +24,7 @@ import checkpoints
 import config
 import distributed
 import errors
+import faults
 import flow_matching
 import generate_cache
 import kd
@@ -796,28 +797,11 @@ def test_two_rank_torchrun_cache_equals_the_single_process_cache_and_builds_a_mi
 # The cache: a damaged file is refused by exactly the reads that use it
 
 
-def latents_byte_offset(path, state, frame):
-    """File offset of element [state, 0, frame, 0, 0] of a sample file's bf16 latents (from its safetensors
-    header)."""
-    raw = Path(path).read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    entry = json.loads(raw[8 : 8 + header_len])["latents"]
-    _, channels, frames, height, width = entry["shape"]
-    return (8 + header_len + entry["data_offsets"][0]
-            + (state * channels * frames + frame) * height * width * 2)
-
-
-def flip_bit(path, offset, bit=0):
-    data = bytearray(Path(path).read_bytes())
-    data[offset] ^= 1 << bit
-    Path(path).write_bytes(bytes(data))
-
-
 def test_a_corrupt_cached_sample_is_an_error_naming_the_file(tmp_path, reference_cache):
     shutil.copytree(reference_cache, tmp_path / "c")
     path = Path(cache_format.sample_path(tmp_path / "c", 3))
     path.write_bytes(path.read_bytes()[:1000])
-    dataset = kd.TrajectoryDataset(str(tmp_path / "c"), [0, 1, 2, 3], 512)
+    dataset = kd.TrajectoryDataset(str(tmp_path / "c"), [0, 1, 2, 3, 4], 512)
     assert dataset[(2, (1, 1, 1, 1, 1, 1))]["x_t"].shape == (16, 6, 8, 8)
     with pytest.raises(errors.CacheError, match=f"cannot read cached sample {path}"):
         dataset[(3, (0,) * 6)]
@@ -828,9 +812,9 @@ def test_a_flipped_bit_in_a_frame_is_refused_by_exactly_the_reads_that_use_it_an
     cache = tmp_path / "cache"
     shutil.copytree(reference_cache, cache)
     path = cache_format.sample_path(cache, 2)
-    flip_bit(path, latents_byte_offset(path, state=1, frame=4), bit=3)
-    dataset = kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)
-    clean = kd.TrajectoryDataset(str(reference_cache), [0, 1, 2, 3], 512)
+    faults.flip_bit(path, faults.latents_byte_offset(path, state=1, frame=4), bit=3)
+    dataset = kd.TrajectoryDataset(str(cache), [0, 1, 2, 3, 4], 512)
+    clean = kd.TrajectoryDataset(str(reference_cache), [0, 1, 2, 3, 4], 512)
     with pytest.raises(errors.CacheError, match=rf"cache file {path} is corrupt: latents\[1, :, 4\] fails "
                                             r"its CRC32 checksum; rerun generate_cache.py"):
         dataset[(2, (1,) * 6)]
@@ -848,16 +832,16 @@ def test_a_flipped_bit_in_the_embeddings_or_metadata_is_refused_naming_the_file(
     cache = tmp_path / "cache"
     shutil.copytree(reference_cache, cache)
     path = cache_format.sample_path(cache, 0)
-    flip_bit(path, Path(path).stat().st_size - 1)  # the last byte belongs to prompt_embeds (written last)
+    faults.flip_bit(path, Path(path).stat().st_size - 1)  # the last byte belongs to prompt_embeds (written last)
     with pytest.raises(errors.CacheError,
                        match=rf"{path} is corrupt: prompt_embeds fails its CRC32 checksum"):
-        kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)[(0, (0,) * 6)]
+        kd.TrajectoryDataset(str(cache), [0, 1, 2, 3, 4], 512)[(0, (0,) * 6)]
     raw = Path(cache_format.sample_path(cache, 1)).read_bytes()
     at = raw.index(b'"seed":"1"') + len(b'"seed":"')
     # "1" -> "3": still valid JSON, only the checksum notices
-    flip_bit(cache_format.sample_path(cache, 1), at, bit=1)
+    faults.flip_bit(cache_format.sample_path(cache, 1), at, bit=1)
     with pytest.raises(errors.CacheError, match="its metadata fails its CRC32 checksum"):
-        kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)[(1, (0,) * 6)]
+        kd.TrajectoryDataset(str(cache), [0, 1, 2, 3, 4], 512)[(1, (0,) * 6)]
 
 
 def test_a_cache_of_the_previous_format_is_refused_with_its_version_and_files_without_checksums_too(
@@ -874,7 +858,7 @@ def test_a_cache_of_the_previous_format_is_refused_with_its_version_and_files_wi
     save_file(tensors, cache_format.sample_path(cache, 3), metadata={k: v for k, v in metadata.items()
                                                            if not k.startswith("crc32_")})
     with pytest.raises(errors.CacheError, match="has no checksums .*rerun generate_cache.py"):
-        kd.TrajectoryDataset(str(cache), [0, 1, 2, 3], 512)[(3, (0,) * 6)]
+        kd.TrajectoryDataset(str(cache), [0, 1, 2, 3, 4], 512)[(3, (0,) * 6)]
 
 
 def test_a_training_run_on_a_cache_with_a_deleted_file_refuses_in_one_line_naming_it(tmp_path,
@@ -2446,7 +2430,7 @@ def test_an_export_stopped_by_a_corrupt_sample_leaves_no_lmdb_and_resumes_after_
     cache, out = tmp_path / "cache", tmp_path / "ours.lmdb"
     shutil.copytree(reference_cache, cache)
     victim = Path(cache_format.sample_path(cache, 4))
-    flip_bit(victim, latents_byte_offset(victim, 2, 3))
+    faults.flip_bit(victim, faults.latents_byte_offset(victim, 2, 3))
     monkeypatch.setattr(lmdb_pairs, "COMMIT_BYTES", 1)  # one row per transaction
     cfg = tiny_config(cache, "data.num_samples=6")
     with pytest.raises(errors.CacheError, match=f"{victim} is unusable .*latents fail their CRC32 checksums"):
