@@ -55,6 +55,7 @@ REPO = Path(__file__).resolve().parent
 TINY = REPO / "configs" / "tiny.yaml"
 SHIPPED_CONFIGS = ["tiny.yaml", "tiny_causal.yaml", "wan.yaml", "wan_causal.yaml"]
 AR_FRAMES_PER_BLOCK = 3  # scenario 7's AR teacher: the random tiny teacher, 6 latent frames in blocks of 3
+CAUSAL_SAMPLES, CAUSAL_STEPS = 4, 15  # scenario 7's cache and stage-1 run, smaller than the others
 NUM_SAMPLES = 6
 TRAIN_STEPS = 30
 CHECKPOINT_EVERY = 5
@@ -727,11 +728,12 @@ def causal_ode_faults(trials, rng, work, reference, write_seconds):
 
     def generation(cache):  # the AR teacher's pairs, its context the reference cache's x0
         return overrides(cache, f"models.teacher.init_from={ar_dir}", f"method.context_cache={reference}",
-                         f"method.num_frames_per_block={AR_FRAMES_PER_BLOCK}")
+                         f"method.num_frames_per_block={AR_FRAMES_PER_BLOCK}", f"data.num_samples={CAUSAL_SAMPLES}")
 
-    def teacher_forcing(out):  # stage 1 of the random tiny student on the reference cache's x0
+    def teacher_forcing(out):  # stage 1 of the random tiny student on the reference cache's x0, shorter
         return [TINY, *train_overrides(reference, out, "models.teacher=null", "models.student.attention=block_causal",
-                                       f"method.num_frames_per_block={AR_FRAMES_PER_BLOCK}")]
+                                       f"method.num_frames_per_block={AR_FRAMES_PER_BLOCK}",
+                                       f"training.max_steps={CAUSAL_STEPS}", f"training.eval_every={CAUSAL_STEPS}")]
 
     causal = work / "causal_reference"
     quietly(generate_cache.generate_cache, config.load_config(TINY, generation(causal)))
@@ -742,7 +744,7 @@ def causal_ode_faults(trials, rng, work, reference, write_seconds):
         cmd = command("generate_cache.py", [TINY, *generation(cache)])
         proc = start(cmd)
         wait_for(cache / "metadata.json", proc)
-        time.sleep(rng.uniform(0, 0.8 * write_seconds))
+        time.sleep(rng.uniform(0, 0.5 * write_seconds))  # its 4 samples: about as long as the reference's 6
         kill(proc)
         written = count_samples(cache)
         rerun = run(cmd)
@@ -759,7 +761,7 @@ def causal_ode_faults(trials, rng, work, reference, write_seconds):
         lines = log_damage(out, stage1) if resumed.returncode == 0 else 1
         right_start = resumed_step(resumed.stdout + resumed.stderr) == newest
 
-        index, frame = rng.randrange(NUM_SAMPLES), rng.randrange(6)
+        index, frame = rng.randrange(CAUSAL_SAMPLES), rng.randrange(6)
         path = cache_format.sample_path(str(cache), index)
         context = len(json.loads((causal / "metadata.json").read_text())["timesteps"])  # the entry after x0
         flip_bit(path, latents_byte_offset(path, context, frame) + rng.randrange(2), rng.randrange(8))
@@ -777,7 +779,7 @@ def causal_ode_faults(trials, rng, work, reference, write_seconds):
         outcome.clear += refused
         outcome.survived += not damage and lines == 0 and right_start and refused and not repaired
         outcome.lost += len(damage) + lines + len(repaired)
-        report(outcome, trial, f"generation killed with {written}/{NUM_SAMPLES} samples written; teacher forcing "
+        report(outcome, trial, f"generation killed with {written}/{CAUSAL_SAMPLES} samples written; teacher forcing "
                f"killed, resumed at {newest}; context latent of sample {index}, frame {frame} flipped: "
                f"{'refused' if refused else 'NOT refused'}",
                damage + repaired + ([] if lines == 0 and right_start else ["stage 1 resumed wrong"]))
