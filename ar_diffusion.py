@@ -22,7 +22,6 @@ generate_cache.py loads for causal ODE pairs (docs/causal.md).
 import sys
 
 import torch
-import torch.distributed as dist
 
 import kd
 import kd_causal
@@ -76,30 +75,14 @@ class ARDiffusionTrainer(kd_causal.CausalKDTrainer):
         bounds = self.t_values[1 : self.num_steps].flip(0)
         return frame_loss, self.num_steps - 1 - torch.bucketize(sigma * NUM_TRAIN_TIMESTEPS, bounds)
 
-    @torch.no_grad()
-    def evaluate(self):
-        """Held-out flow-matching loss at each t_list entry's sigma (noise seeded per sample), and the rollout
-        errors of the model's own K-step sampling (one pass, streaming) against the cached x0."""
-        self.model.eval()
+    def eval_losses(self, index, states, x0, embeds, context):
+        """The held-out flow-matching loss [K, F] at each t_list entry's sigma, the noise seeded by the sample
+        (kd.py's eval measures the rest: the model's own K-step sampling, one pass and streaming)."""
         K = self.num_steps
-        rollouts = ["rollout_error", "rollout_error_streaming"]
-        sums = torch.zeros(K + len(rollouts), device=self.device, dtype=torch.float64)
-        for index, weight in self.rank_share(self.eval_indices):
-            states, x0, embeds, _ = self.load_eval_sample(index)
-            g = torch.Generator(self.device).manual_seed(kd.stable_seed(self.cfg.training.seed, "eval", index))
-            eps = torch.randn(x0.shape, generator=g, device=self.device)[None].expand(K, -1, -1, -1, -1)
-            sigma = self.sigmas[:K, None].expand(K, x0.shape[1])
-            losses = self.flow_losses(x0[None].expand(K, -1, -1, -1, -1), embeds.expand(K, -1, -1), sigma, eps)
-            sums[:K] += weight * losses.mean(dim=1).double()
-            for j, sample in enumerate(self.student_samples(index, states[:1], embeds)):
-                sums[K + j] += weight * (sample - x0).pow(2).mean().double()
-        dist.all_reduce(sums)
-        sums /= len(self.eval_indices)
-        self.model.train()
-        result = {f"loss_t{self.t_list[k]:g}": sums[k].item() for k in range(K)}
-        result["loss"] = sums[:K].mean().item()
-        result.update({name: sums[K + j].item() for j, name in enumerate(rollouts)})
-        return result
+        g = torch.Generator(self.device).manual_seed(kd.stable_seed(self.cfg.training.seed, "eval", index))
+        eps = torch.randn(x0.shape, generator=g, device=self.device)[None].expand(K, -1, -1, -1, -1)
+        sigma = self.sigmas[:K, None].expand(K, x0.shape[1])
+        return self.flow_losses(x0[None].expand(K, -1, -1, -1, -1), embeds.expand(K, -1, -1), sigma, eps)
 
 
 if __name__ == "__main__":

@@ -408,13 +408,7 @@ class KDTrainer:
         sums = torch.zeros(K + len(rollouts), device=self.device, dtype=torch.float64)
         for index, weight in self.rank_share(self.eval_indices):
             states, x0, embeds, context = self.load_eval_sample(index)
-            frames = states.shape[2]
-            t_frames = self.t_values[:K, None].expand(K, frames)
-            sigma_frames = self.sigmas[:K, None].expand(K, frames)
-            losses = kd_frame_losses(self.model, states, x0[None], t_frames, sigma_frames, True,
-                                     embeds.expand(K, -1, -1),
-                                     None if context is None else context.expand(K, -1, -1, -1, -1))  # [K, F]
-            sums[:K] += weight * losses.mean(dim=1).double()
+            sums[:K] += weight * self.eval_losses(index, states, x0, embeds, context).mean(dim=1).double()
             for j, sample in enumerate(self.student_samples(index, states[:1], embeds)):
                 sums[K + j] += weight * (sample - x0).pow(2).mean().double()
         dist.all_reduce(sums)
@@ -424,6 +418,13 @@ class KDTrainer:
         result["loss"] = sums[:K].mean().item()
         result.update({name: sums[K + j].item() for j, name in enumerate(rollouts)})
         return result
+
+    def eval_losses(self, index, states, x0, embeds, context):
+        """The held-out loss [K, F] of one sample at each noisy t_list entry (load_eval_sample's tensors)."""
+        K, frames = self.num_steps, states.shape[2]
+        t_frames, sigma_frames = self.t_values[:K, None].expand(K, frames), self.sigmas[:K, None].expand(K, frames)
+        return kd_frame_losses(self.model, states, x0[None], t_frames, sigma_frames, True, embeds.expand(K, -1, -1),
+                               None if context is None else context.expand(K, -1, -1, -1, -1))
 
     def student_samples(self, index, noise, embeds):
         """x0 [C, F, H, W] of the student's K-step sampling from a sample's cached initial noise [1, C, F, H, W]
