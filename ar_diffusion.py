@@ -35,6 +35,7 @@ class ARDiffusionTrainer(kd_causal.CausalKDTrainer):
     """KDTrainer whose loss is teacher-forced flow matching on the cache's clean x0."""
 
     loss_name = "flow-matching loss"
+    trains_on_clean_data = True
 
     def __init__(self, cfg, rank, world_size, device):
         super().__init__(cfg, rank, world_size, device)
@@ -74,6 +75,16 @@ class ARDiffusionTrainer(kd_causal.CausalKDTrainer):
         # logged by t_list interval: entry k holds the timesteps in (t_{k+1}, t_k]
         bounds = self.t_values[1 : self.num_steps].flip(0)
         return frame_loss, self.num_steps - 1 - torch.bucketize(sigma * NUM_TRAIN_TIMESTEPS, bounds)
+
+    def prepare_previews(self):
+        super().prepare_previews()
+        if self.clean_data and self.preview_indices:
+            self.log("previews off: a clean-data cache pairs no initial noise with its samples")
+            self.preview_indices = []
+
+    def rollout_names(self):
+        """None on clean data: no initial noise is paired with its samples, so a rollout has nothing to match."""
+        return [] if self.clean_data else super().rollout_names()
 
     def eval_losses(self, index, states, x0, embeds, context):
         """The held-out flow-matching loss [K, F] at each t_list entry's sigma, the noise seeded by the sample

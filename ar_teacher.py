@@ -71,15 +71,16 @@ def causal_rollout(model, clean, noise, prompt_embeds, negative_embeds, sigmas, 
     """The AR teacher's trajectory, block by block with the clean data as context; kept states and x0, fp32.
 
     model: a block-causal, per-frame-timestep Wan (load_ar_teacher); clean, noise [B, C, F, H, W]: the data
-    latents (context) and the initial noise; prompt_embeds, negative_embeds [B, L, D] (negative unused when
-    guidance_scale == 1); sigmas [N] descending from 1; record_steps: step indices whose pre-step state is kept.
+    latents (context) and the initial noise; clean None: free-running, each block after the teacher's own x0
+    of the blocks before it (streaming, as a causal model is used); prompt_embeds, negative_embeds [B, L, D]
+    (negative unused when guidance_scale == 1); sigmas [N] descending from 1; record_steps: step indices whose pre-step state is kept.
     Returns [B, len(record_steps) + 1, C, F, H, W]: every block's state at each kept step, then its x0.
     """
     guided = guidance_scale != 1
     embeds = torch.cat([prompt_embeds, negative_embeds]) if guided else prompt_embeds
     rows = 2 if guided else 1
     cache = KVCache() if kv_cache else None
-    clean, record = clean.float(), set(record_steps)
+    record = set(record_steps)
 
     def velocity(x, t_frames, **layout):  # x [B, C, f, H, W], t_frames [f]: v [B, C, f, H, W] with CFG
         x_in, t = x.repeat(rows, 1, 1, 1, 1), t_frames[None].expand(rows * len(x), -1)
@@ -90,7 +91,7 @@ def causal_rollout(model, clean, noise, prompt_embeds, negative_embeds, sigmas, 
         cond, uncond = v.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
-    blocks = []
+    blocks, context = [], []  # context: the clean latents of the blocks done, [B, C, f, H, W] each
     for start, end in block_spans(noise.shape[2], frames_per_block):
         ode, x, kept = ode_solver(solver, sigmas, solver_settings), noise[:, :, start:end].float(), []
         for i in range(len(sigmas)):
@@ -100,13 +101,25 @@ def causal_rollout(model, clean, noise, prompt_embeds, negative_embeds, sigmas, 
             if kv_cache:
                 v = velocity(x, t, kv_cache=cache, first_frame=start)
             else:  # the clean prefix at timestep 0, then this block
-                prefix = torch.cat([clean[:, :, :start], x], dim=2)
+                prefix = torch.cat([*context, x], dim=2)
                 v = velocity(prefix, torch.cat([t.new_zeros(start), t]))[:, :, start:]
             x = ode.step(i, x, v)
         blocks.append(torch.stack([*kept, x], dim=1))  # [B, R + 1, C, f, H, W]
-        if kv_cache and end < noise.shape[2]:  # this block's clean data joins the context, at timestep 0
+        context.append(x if clean is None else clean[:, :, start:end].float())
+        if kv_cache and end < noise.shape[2]:  # this block's clean latents join the context, at timestep 0
             cache.append = True
-            velocity(clean[:, :, start:end], torch.zeros(end - start, device=x.device), kv_cache=cache,
-                     first_frame=start)
+            velocity(context[-1], torch.zeros(end - start, device=x.device), kv_cache=cache, first_frame=start)
             cache.append = False
     return torch.cat(blocks, dim=3)
+
+
+@torch.no_grad()
+def free_running_samples(init_from, samples, negative_embeds, sigma_grids, guidance_scale, solver, solver_settings,
+                         device):
+    """{index: [x0 [C, F, H, W] per grid in sigma_grids]} of the AR teacher at init_from generating on its own
+    (every block after its own earlier x0), from each sample's initial noise; samples: {index: (noise
+    [1, C, F, H, W], prompt [1, L, D], anything)}, negative_embeds [1, L, D]. The teacher is freed after it."""
+    model, frames = load_ar_teacher(init_from, device)
+    return {index: [causal_rollout(model, None, noise, embeds, negative_embeds, sigmas, guidance_scale, [], frames,
+                                   True, solver, solver_settings)[0, -1] for sigmas in sigma_grids]
+            for index, (noise, embeds, *_) in samples.items()}

@@ -540,28 +540,58 @@ def streamed_students(run, cache_cfg, indices):
     return torch.stack(out)
 
 
+def free_running_ar_teacher(causal, bidirectional, indices):
+    """{steps: x0 [N, C, F, H, W]} of the tiny AR teacher generating on its own (each block after its own x0) from
+    the bidirectional cache's noise and prompts, over its full grid and over the student's K steps."""
+    import ar_teacher
+
+    grid = teacher_grid(causal)
+    dataset = kd.TrajectoryDataset(bidirectional.method.teacher_path_cache, grid.entry_positions,
+                                   causal.pipeline.max_sequence_length)
+    frames = dataset[(indices[0], (0,))]["x0"].shape[1]
+    samples = {}
+    for i in indices:
+        item = dataset[(i, (0,) * frames)]  # entry 0: the sample's initial noise
+        samples[i] = (item["x_t"][None].float(), item["prompt_embeds"][None].float())
+    negative = cache_format.read_negative_embeds(causal.method.teacher_path_cache)
+    negative = teacher.pad_embeds(negative, causal.pipeline.max_sequence_length)[None].float()
+    grids = [torch.tensor(grid.sigmas, dtype=torch.float64), torch.tensor(grid.student_sigmas, dtype=torch.float64)]
+    x0 = ar_teacher.free_running_samples(causal.models.teacher.init_from, samples, negative, grids,
+                                         causal.method.teacher_guidance_scale, "euler", None, torch.device("cpu"))
+    return {steps: torch.stack([x0[i][j] for i in indices]) for j, steps in
+            enumerate([causal.method.teacher_inference_steps, len(grid.student_sigmas)])}
+
+
 def block_jump_table():
     """The tiny demo's causal ODE chain (configs/tiny_ar.yaml, tiny_causal_ode.yaml, tiny_causal.yaml, their
-    runs and caches in place): the block-jump ratio of each teacher's samples and each student's streaming."""
+    runs and caches in place): the block-jump ratio of each teacher's samples and each student's streaming, and
+    the streaming samples' MSE against the bidirectional teacher's 48 steps and the free-running AR teacher's."""
     torch.set_num_threads(2)
     bidirectional = config.load_config(os.path.join(REPO, "configs", "tiny_causal.yaml"))
     causal = config.load_config(os.path.join(REPO, "configs", "tiny_causal_ode.yaml"))
     n, block = bidirectional.data.num_samples, causal.method.num_frames_per_block
-    indices = range(n - JUMP_SAMPLES, n)
+    indices = list(range(n - JUMP_SAMPLES, n))
     x0 = {name: torch.stack([cache_format.read_x0(c.method.teacher_path_cache, i)[0].float() for i in indices])
           for name, c in (("bidirectional", bidirectional), ("causal", causal))}
+    free = free_running_ar_teacher(causal, bidirectional, indices)
+    steps, k = causal.method.teacher_inference_steps, len(causal.method.t_list) - 1
     rows = {
-        "(a) bidirectional teacher, 48 steps (its cached x0)": x0["bidirectional"],
-        "(a) AR teacher, 48 steps after the clean data (its cached x0)": x0["causal"],
-        "(b) causal student on bidirectional pairs, streaming": streamed_students(
+        f"(a) bidirectional teacher, {steps} steps (its cached x0)": x0["bidirectional"],
+        f"(a) AR teacher, {steps} steps after the clean data (its cached x0)": x0["causal"],
+        f"(a) AR teacher, {steps} steps, streaming on its own x0": free[steps],
+        f"    AR teacher, {k} steps, streaming on its own x0": free[k],
+        f"(b) causal student on bidirectional pairs, {k} steps, streaming": streamed_students(
             bidirectional.training.output_dir, bidirectional, indices),
-        "(c) causal student on causal ODE pairs, streaming": streamed_students(
+        f"(c) causal student on causal ODE pairs, {k} steps, streaming": streamed_students(
             causal.training.output_dir, bidirectional, indices),
     }
     print(f"bench.py block-jumps: the tiny demo, {JUMP_SAMPLES} samples, {x0['causal'].shape[2]} latent frames in "
-          f"blocks of {block}; mean |frame f - frame f-1| across block boundaries / within blocks")
+          f"blocks of {block}; jump ratio = mean |frame f - frame f-1| across block boundaries / within blocks; "
+          f"MSE against (i) the bidirectional teacher's {steps} steps, (ii) the streaming AR teacher's {steps}")
+    print(f"  {'samples':<66} {'ratio':>6} {'MSE (i)':>8} {'MSE (ii)':>8}")
     for name, videos in rows.items():
-        print(f"  {name:<66} {block_jump_ratio(videos, block):6.3f}")
+        errors = [(videos - ref).pow(2).mean().item() for ref in (x0["bidirectional"], free[steps])]
+        print(f"  {name:<66} {block_jump_ratio(videos, block):6.3f} {errors[0]:8.4f} {errors[1]:8.4f}")
 
 
 if __name__ == "__main__":

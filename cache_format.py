@@ -67,6 +67,7 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
         "width": p.width,
         "max_sequence_length": p.max_sequence_length,
         "causal_ode": causal_ode(cfg),  # False, or an AR teacher's block size and its context cache
+        "clean_data": False,  # True: latent_data.py's cache of the user's own latents, x0 only
         "latent_shape": list(shape) if shape is not None else None,
         "timesteps": teacher_grid(cfg).timesteps,
         "num_samples": len(prompts) if prompts is not None else cfg.data.num_samples,
@@ -77,7 +78,11 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
 
 
 # Fingerprint fields added after format 2, with the value that every cache written before them had
-ADDED_FIELDS = {"teacher_experts": ["transformer"], "teacher_solver": "euler", "causal_ode": False}
+ADDED_FIELDS = {"teacher_experts": ["transformer"], "teacher_solver": "euler", "causal_ode": False,
+                "clean_data": False}
+# What a clean-data cache (latent_data.py) records and a reader compares: the data; it has no teacher or grid
+CLEAN_DATA_FIELDS = ("format_version", "num_frames", "height", "width", "max_sequence_length", "latent_shape",
+                     "num_samples", "prompts_sha256", "dtype")
 
 
 def causal_ode(cfg):
@@ -96,7 +101,10 @@ def fingerprint_differences(expected, found):
     """'field: config X, cache Y' for every differing field (None on either side: unknown, not compared; an
     imported cache cannot know its guidance scale, negative prompt or seed)."""
     lines = []
-    for key in sorted(set(expected) | set(found)):
+    keys = set(expected) | set(found)
+    if found.get("clean_data") and expected.get("clean_data") is None:  # a reader: the trainer decides
+        keys = CLEAN_DATA_FIELDS
+    for key in sorted(keys):
         if expected.get(key) is None or (key in found and found[key] is None):
             continue
         cached = found.get(key, ADDED_FIELDS.get(key))
@@ -266,7 +274,8 @@ def open_cache(cfg):
         )
     prompts = read_prompts(cfg) if cfg.data.prompts else None
     shape = latent_shape(cfg.models.teacher.init_from, cfg) if cfg.models.teacher else None
-    meta = check_cache_metadata(cache_dir, cache_fingerprint(cfg, prompts, shape))
+    # clean_data unset: a clean-data cache is compared on its data, and the trainer accepts it or not
+    meta = check_cache_metadata(cache_dir, {**cache_fingerprint(cfg, prompts, shape), "clean_data": None})
     if meta is None:
         raise CacheError(f"{cache_dir} has COMPLETE but no metadata.json; delete it to regenerate the cache")
     absent = [sample_path(cache_dir, i) for i in range(meta["num_samples"])

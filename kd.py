@@ -236,8 +236,9 @@ class KDTrainer:
     prepare() sets the run up (cache, data, references, student, optimizer, resume); train() is the loop: a
     step, and at its intervals a log line, an eval and a checkpoint."""
 
-    causal_ode = False  # the cache holds an AR teacher's pairs, each with its clean context (read with the data)
+    causal_ode = False  # trains on an AR teacher's pairs, each with its clean context (read with the data)
     loss_name = "kd loss"  # in the eval's console line
+    trains_on_clean_data = False  # a cache of clean latents only (latent_data.py) is its data
 
     def __init__(self, cfg, rank, world_size, device):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
@@ -270,14 +271,13 @@ class KDTrainer:
         self.build_student_and_optimizer()
         self.resume()
         trim_logs(self.cfg.training.output_dir, self.step, self.rank)
-        if "untrained" not in self.references and self.eval_indices:
+        if "untrained" not in self.references and self.eval_indices and self.rollout_names():
             if self.step:
                 raise CacheError("cannot measure the untrained student's reference on a resumed run: "
                                  f"{reference_path(self.cfg.training.output_dir)} is missing")
-            untrained = self.evaluate()
-            self.references["untrained"] = untrained["rollout_error"]
-            if self.streaming:
-                self.references["untrained_streaming"] = untrained["rollout_error_streaming"]
+            untrained = self.evaluate()  # rollout_error_X is kept as untrained_X
+            self.references.update({"untrained" + name.removeprefix("rollout_error"): untrained[name]
+                                    for name in self.rollout_names()})
         if self.rank == 0:
             write_json_atomic(reference_path(self.cfg.training.output_dir), self.references)
         barrier()
@@ -288,21 +288,31 @@ class KDTrainer:
         if not os.path.exists(os.path.join(cfg.method.teacher_path_cache, "COMPLETE")) and cfg.models.teacher:
             generate_cache(cfg, self.rank, self.world_size, self.device)
         self.meta = open_cache(cfg)  # the seed's error when incomplete without a teacher
+        self.check_cache_kind(cfg.method.teacher_path_cache)
         n = self.meta["num_samples"]
         if t.eval_samples >= n:
             raise ConfigError(f"training.eval_samples={t.eval_samples} must be below the {n} cached samples")
         self.train_indices = list(range(n - t.eval_samples))
         self.eval_indices = list(range(n - t.eval_samples, n))
-        self.causal_ode = bool(self.meta.get("causal_ode"))  # an AR teacher's pairs, each with its clean context
-        if self.causal_ode and cfg.models.student.attention != "block_causal":
-            raise ConfigError(f"{cfg.method.teacher_path_cache} holds causal ODE pairs: train a block-causal "
-                              "student on them (models.student.attention: block_causal, kd_causal.py)")
-        self.dataset = TrajectoryDataset(cfg.method.teacher_path_cache, self.grid.entry_positions,
+        positions = [0] * (self.num_steps + 1) if self.clean_data else self.grid.entry_positions
+        self.dataset = TrajectoryDataset(cfg.method.teacher_path_cache, positions,
                                          self.meta["max_sequence_length"], self.causal_ode)
         make_dirs(t.output_dir)
         if self.rank == 0:  # export.py reads it to find the student's base model
             write_lines(os.path.join(t.output_dir, "config.yaml"),
                         [yaml.safe_dump(plain(cfg), sort_keys=False, allow_unicode=True)])
+
+    def check_cache_kind(self, cache):
+        """ConfigError unless this trainer trains on what the cache holds: a bidirectional teacher's pairs, an AR
+        teacher's (causal_ode.py), or clean latents only (latent_data.py's: ar_diffusion.py)."""
+        self.clean_data = bool(self.meta.get("clean_data"))  # each sample's x0 and no trajectory
+        if self.clean_data and not self.trains_on_clean_data:
+            raise ConfigError(f"{cache} holds clean latents only (latent_data.py), no teacher trajectories: train "
+                              "an AR teacher on it (ar_diffusion.py) or name it as method.context_cache")
+        if bool(self.meta.get("causal_ode")) != self.causal_ode:
+            raise ConfigError(f"{cache} holds causal ODE pairs: train a block-causal student on them with "
+                              "causal_ode.py" if not self.causal_ode else f"{cache} holds a bidirectional "
+                              "teacher's pairs, not an AR teacher's: train on them with kd.py or kd_causal.py")
 
     def prepare_previews(self):
         """The held-out samples decoded at each eval: the first preview_samples, if the student has a VAE."""
@@ -402,15 +412,14 @@ class KDTrainer:
         """Held-out KD loss per noisy t_list entry; the rollout error against the teacher's x0 of the student's
         K-step sampling (and, for block-causal students, of its streaming sampling)."""
         self.model.eval()
-        K = self.num_steps
-        rollouts = ["rollout_error"] + (["rollout_error_streaming"] if self.streaming else [])
+        K, rollouts = self.num_steps, self.rollout_names()
         # [K per-entry losses, then the rollout errors]
         sums = torch.zeros(K + len(rollouts), device=self.device, dtype=torch.float64)
         for index, weight in self.rank_share(self.eval_indices):
             states, x0, embeds, context = self.load_eval_sample(index)
             sums[:K] += weight * self.eval_losses(index, states, x0, embeds, context).mean(dim=1).double()
-            for j, sample in enumerate(self.student_samples(index, states[:1], embeds)):
-                sums[K + j] += weight * (sample - x0).pow(2).mean().double()
+            for j, error in enumerate(self.rollout_errors(index, states[:1], embeds, x0) if rollouts else []):
+                sums[K + j] += weight * error.double()
         dist.all_reduce(sums)
         sums /= len(self.eval_indices)
         self.model.train()
@@ -425,6 +434,14 @@ class KDTrainer:
         t_frames, sigma_frames = self.t_values[:K, None].expand(K, frames), self.sigmas[:K, None].expand(K, frames)
         return kd_frame_losses(self.model, states, x0[None], t_frames, sigma_frames, True, embeds.expand(K, -1, -1),
                                None if context is None else context.expand(K, -1, -1, -1, -1))
+
+    def rollout_names(self):
+        """The eval's rollout errors, in rollout_errors' order."""
+        return ["rollout_error"] + (["rollout_error_streaming"] if self.streaming else [])
+
+    def rollout_errors(self, index, noise, embeds, x0):
+        """[MSE] of each of student_samples against the teacher's cached x0 [C, F, H, W]."""
+        return [(sample - x0).pow(2).mean() for sample in self.student_samples(index, noise, embeds)]
 
     def student_samples(self, index, noise, embeds):
         """x0 [C, F, H, W] of the student's K-step sampling from a sample's cached initial noise [1, C, F, H, W]
@@ -676,13 +693,19 @@ def teacher_k_step_samples(cfg, indices, load_sample, sigmas, max_len, device):
     x0, embeds) as KDTrainer loads them."""
     if not indices:
         return {}
+    return teacher_k_step(cfg, *teacher_inputs(cfg, indices, load_sample, max_len, device), sigmas.double().cpu(),
+                          device)
+
+
+def teacher_inputs(cfg, indices, load_sample, max_len, device):
+    """({index: (initial noise [1, C, F, H, W], prompt [1, L, D], context or None)}, the negative prompt
+    [1, max_len, D]): what the teacher samples the eval's `indices` from."""
     negative = read_negative_embeds(cfg.method.teacher_path_cache)
-    negative = pad_embeds(negative, max_len)[None].to(device).float()  # [1, max_len, D]
     samples = {}
     for index in indices:
         states, _, embeds, context = load_sample(index)
-        samples[index] = (states[:1], embeds, context)  # initial noise [1, C, F, H, W], prompt [1, L, D], context
-    return teacher_k_step(cfg, samples, negative, sigmas.double().cpu(), device)
+        samples[index] = (states[:1], embeds, context)
+    return samples, pad_embeds(negative, max_len)[None].to(device).float()
 
 
 def rollout_error(x0_of, indices, load_sample, rank, world_size, device):

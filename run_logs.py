@@ -15,9 +15,12 @@ def reference_path(output_dir):
 
 def eval_line(step, result, refs, num_steps, loss_name="kd loss"):
     """The console line of an eval: the held-out losses, then the student's rollout error (streaming, EMA when
-    measured) beside the untrained student's and the teacher's own K steps."""
+    measured) beside the untrained student's and the teacher's own K steps; a causal ODE run's streaming error
+    against the AR teacher's free-running samples beside the same two."""
     teacher = f"{refs['teacher']:.5f}" if "teacher" in refs else "n/a (no teacher configured)"
     per_entry = ", ".join(f"{k}={v:.5f}" for k, v in result.items() if k.startswith("loss_t"))
+    if "rollout_error" not in result:  # clean data: nothing to roll out against
+        return f"eval step {step}: {loss_name} {result['loss']:.5f} ({per_entry})"
     student = f"{result['rollout_error']:.5f}"
     untrained = f"{refs.get('untrained', math.nan):.5f}"
     if "rollout_error_streaming" in result:
@@ -27,8 +30,15 @@ def eval_line(step, result, refs, num_steps, loss_name="kd loss"):
         student += f", EMA {result['rollout_error_ema']:.5f}"
         if "rollout_error_streaming_ema" in result:
             student += f" (streaming {result['rollout_error_streaming_ema']:.5f})"
-    return (f"eval step {step}: {loss_name} {result['loss']:.5f} ({per_entry}) | rollout error: student {student}, "
+    line = (f"eval step {step}: {loss_name} {result['loss']:.5f} ({per_entry}) | rollout error: student {student}, "
             f"untrained student {untrained}, teacher {num_steps}-step {teacher}")
+    if "rollout_error_streaming_ar" in result:
+        ema = result.get("rollout_error_streaming_ar_ema")
+        line += (f" | streaming vs the AR teacher's own: student {result['rollout_error_streaming_ar']:.5f}"
+                 + (f", EMA {ema:.5f}" if ema is not None else "")
+                 + f", untrained student {refs.get('untrained_streaming_ar', math.nan):.5f}, teacher {num_steps}-step "
+                 f"{refs.get('teacher_streaming', math.nan):.5f}")
+    return line
 
 
 def read_references(output_dir):

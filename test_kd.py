@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import atomic_files
 import cache_format
@@ -187,7 +188,7 @@ def test_the_modules_import_one_another_without_a_cycle():
 
 def test_importing_the_scripts_does_no_work(tmp_path):
     before = sorted(os.listdir(REPO))
-    code = ("import kd, kd_causal, generate_cache, export, torch.distributed as dist; "
+    code = ("import kd, kd_causal, ar_diffusion, causal_ode, generate_cache, export, torch.distributed as dist; "
             "print('initialised' if dist.is_initialized() else 'idle')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(processes.environment(),
                           PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
@@ -853,8 +854,6 @@ def test_a_cache_of_the_previous_format_is_refused_with_its_version_and_files_wi
     with pytest.raises(errors.CacheError, match="format_version: config 2, cache 1"):
         cache_format.open_cache(tiny_config(cache, "data.num_samples=6"))
     tensors, metadata = read_sample(cache_format.sample_path(cache, 3))
-    from safetensors.torch import save_file
-
     save_file(tensors, cache_format.sample_path(cache, 3), metadata={k: v for k, v in metadata.items()
                                                            if not k.startswith("crc32_")})
     with pytest.raises(errors.CacheError, match="has no checksums .*rerun generate_cache.py"):
@@ -1265,6 +1264,23 @@ def test_the_ar_teachers_kv_cached_rollout_equals_recomputing_the_clean_prefix_e
     assert (cached[:, :, :, :4] - alone).abs().max() < 1e-4
 
 
+def test_the_free_running_ar_teacher_is_its_own_teacher_forcing_with_kv_cache_or_recompute(ar_teacher_dir):
+    import ar_teacher
+
+    model, _ = ar_teacher.load_ar_teacher(str(ar_teacher_dir), torch.device("cpu"))
+    clean, noise, cond, uncond = ar_inputs(2)
+    sigmas = flow_matching.shifted_sigmas(6, 5.0)
+    free = ar_teacher.causal_rollout(model, None, noise, cond, uncond, sigmas, 3.0, [1], 4)
+    assert (free - ar_teacher.causal_rollout(model, None, noise, cond, uncond, sigmas, 3.0, [1], 4,
+                                             kv_cache=False)).abs().max() < 1e-4
+    # streaming on its own outputs = teacher forcing with those outputs as the data; other data move block 2
+    own = ar_teacher.causal_rollout(model, free[:, -1], noise, cond, uncond, sigmas, 3.0, [1], 4)
+    assert torch.equal(own, free)
+    forced = ar_teacher.causal_rollout(model, clean, noise, cond, uncond, sigmas, 3.0, [1], 4)
+    assert torch.equal(forced[..., :4, :, :], free[..., :4, :, :])
+    assert (forced[..., 4:, :, :] - free[..., 4:, :, :]).abs().max() > 1e-3
+
+
 def test_each_ar_block_sees_the_clean_data_before_it_and_nothing_after(ar_teacher_dir):
     import ar_teacher
 
@@ -1531,10 +1547,94 @@ def test_causal_forcings_released_ar_teacher_converts_strictly_to_an_ar_teacher_
     assert status == 2 and "--causal-forcing needs --base and --frames-per-block" in stderr
 
 
+def latent_folder(kd_cache, folder, count):
+    """kd_cache's first `count` x0 and prompts as a user's folder of latents: NAME.safetensors + NAME.txt (every
+    other latent with a leading batch axis of 1, as a VAE's encode returns it)."""
+    folder.mkdir()
+    for i in range(count):
+        x0, prompt = cache_format.read_x0(kd_cache, i)
+        latents = x0.float()[None] if i % 2 else x0.float()
+        save_file({"latents": latents}, folder / f"clip_{i:03d}.safetensors")
+        (folder / f"clip_{i:03d}.txt").write_text(prompt + "\n")
+    return folder
+
+
+def latent_data_overrides(kd_cache, cache, out, *extra):
+    return ar_diffusion_overrides(kd_cache, out, f"method.teacher_path_cache={cache}", "data.prompts=null",
+                                  "data.num_samples=6", *extra)
+
+
+def test_a_folder_of_your_own_latents_is_stage_1s_data_and_stage_2as_context_and_kd_refuses_it(
+        kd_cache, stage1_teacher, tmp_path):
+    import ar_diffusion
+    import latent_data
+
+    folder, cache = latent_folder(kd_cache, tmp_path / "latents", 6), tmp_path / "data_cache"
+    cfg = config.load_config(REPO / "configs" / "tiny_causal.yaml",
+                             latent_data_overrides(kd_cache, cache, tmp_path / "run", "training.max_steps=6",
+                                                   "training.eval_every=6", "training.checkpoint_every=6"))
+    status, stdout, stderr = run_cli_in_process(latent_data.main, REPO / "configs" / "tiny_causal.yaml", folder,
+                                                *latent_data_overrides(kd_cache, cache, tmp_path / "run"))
+    assert status == 0 and "6 latents imported" in stdout, stderr
+    for i in range(6):  # the data, bit for bit in the cache dtype, with its prompt
+        x0, prompt = cache_format.read_x0(cache, i)
+        assert torch.equal(x0, cache_format.read_x0(kd_cache, i)[0]) and prompt == cache_format.read_prompt(kd_cache, i)
+    assert latent_data.import_latents(cfg, str(folder)) == 0  # complete: nothing rewritten
+    run_in_process(ar_diffusion.ARDiffusionTrainer, cfg)
+    final = read_jsonl(tmp_path / "run" / "eval.jsonl")[-1]
+    assert final["step"] == 6 and final["loss"] > 0 and not any(k.startswith("rollout") for k in final)
+    with pytest.raises(errors.ConfigError, match="holds clean latents only .latent_data.py., no teacher "
+                                                 "trajectories"):
+        run_in_process(kd.KDTrainer, tiny_config(cache, "data.prompts=null", "data.num_samples=6",
+                                                 f"training.output_dir={tmp_path / 'kd'}"))
+    with pytest.raises(errors.CacheError, match="clean_data: config False, cache True"):
+        generate_cache.generate_cache(tiny_config(cache, "data.num_samples=6"))  # a writer never touches it
+    # stage 2a with the user's latents as the clean context of the AR teacher's blocks
+    causal = tmp_path / "causal"
+    generate_cache.generate_cache(config.load_config(TINY, causal_ode_overrides(stage1_teacher, cache, causal,
+                                                                                 "data.num_samples=2")))
+    assert cache_format.read_x0(causal, 1)[1] == cache_format.read_prompt(cache, 1)
+    assert torch.equal(read_sample(cache_format.sample_path(causal, 1))[0]["latents"][-1],
+                       cache_format.read_x0(cache, 1)[0])  # the context entry is the user's latent
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_prompt", r"clip_002.txt: the prompt of clip_002.safetensors is unreadable"),
+    ("empty_prompt", r"clip_002.txt: the prompt of clip_002.safetensors is empty"),
+    ("shape", r"clip_002.safetensors: latents of shape \[16, 5, 8, 8\], expected \[16, 6, 8, 8\]"),
+    ("key", r"clip_002.safetensors: no tensor 'latents' \(found \['video'\]\)"),
+    ("garbage", r"clip_002.safetensors: unreadable"),
+    ("prompts_file", r"data.prompts=.*example.txt: the prompts are .*latents's .txt files; set data.prompts=null"),
+])
+def test_a_latent_folder_with_a_bad_file_is_one_error_naming_it_and_nothing_is_written(kd_cache, tmp_path, damage,
+                                                                                        message):
+    import latent_data
+
+    folder, cache = latent_folder(kd_cache, tmp_path / "latents", 3), tmp_path / "data_cache"
+    path = folder / "clip_002.safetensors"
+    if damage == "no_prompt":
+        (folder / "clip_002.txt").unlink()
+    elif damage == "empty_prompt":
+        (folder / "clip_002.txt").write_text(" \n")
+    elif damage == "shape":
+        save_file({"latents": torch.zeros(16, 5, 8, 8)}, path)
+    elif damage == "key":
+        save_file({"video": torch.zeros(16, 6, 8, 8)}, path)
+    elif damage == "garbage":
+        path.write_bytes(b"not a safetensors file")
+    overrides = latent_data_overrides(kd_cache, cache, tmp_path / "run", "data.num_samples=3")
+    if damage == "prompts_file":
+        overrides.append(f"data.prompts={REPO}/prompts/example.txt")
+    status, _, stderr = run_cli_in_process(latent_data.main, REPO / "configs" / "tiny_causal.yaml", folder,
+                                           *overrides)
+    assert status == 2 and re.search(message, stderr) and len(stderr.strip().splitlines()) == 1, stderr
+    assert not cache.exists()
+
+
 def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_context(causal_ode_cache,
                                                                                       kd_cache, stage1_teacher,
                                                                                       tmp_path, monkeypatch):
-    import kd_causal
+    import causal_ode
 
     contexts = []
     velocity = kd.student_velocity
@@ -1549,7 +1649,7 @@ def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_co
         stage1_teacher, kd_cache, causal_ode_cache, f"training.output_dir={out}", "training.max_steps=40",
         "training.eval_every=40", "training.log_every=1", "training.num_workers=0", "training.eval_samples=2",
         "training.previews=false"))
-    run_in_process(kd_causal.CausalKDTrainer, cfg)
+    run_in_process(causal_ode.CausalODETrainer, cfg)
     assert any(c is not None for c in contexts)  # training and the eval's losses: teacher forcing
     losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
@@ -1557,6 +1657,27 @@ def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_co
     assert final["rollout_error"] < final["rollout_error_untrained"]
     assert final["rollout_error_teacher"] > 0  # the AR teacher's own K steps, after each sample's context
     assert "loss_t0" not in read_jsonl(out / "metrics.jsonl")[0]  # no block draws the clean entry
+    # streaming on its own outputs against the AR teacher's own free-running 48 steps, beside its K steps
+    assert final["rollout_error_streaming_ar"] < final["rollout_error_untrained_streaming_ar"]
+    assert 0 < final["rollout_error_teacher_streaming"] != final["rollout_error_teacher"]
+
+
+def test_causal_ode_pairs_train_only_with_causal_ode_py_and_it_only_on_them(causal_ode_cache, kd_cache,
+                                                                            stage1_teacher, tmp_path):
+    import causal_ode
+    import kd_causal
+
+    overrides = ["training.num_workers=0", "training.eval_samples=2", f"training.output_dir={tmp_path / 'run'}"]
+    cfg = config.load_config(REPO / "configs" / "tiny_causal.yaml",
+                             causal_ode_overrides(stage1_teacher, kd_cache, causal_ode_cache, *overrides))
+    with pytest.raises(errors.ConfigError, match="holds causal ODE pairs: train a block-causal student on them "
+                                                 "with causal_ode.py"):
+        run_in_process(kd_causal.CausalKDTrainer, cfg)
+    cfg = config.load_config(REPO / "configs" / "tiny_causal.yaml",
+                             train_overrides(kd_cache, tmp_path / "run", "training.num_workers=0"))
+    with pytest.raises(errors.ConfigError, match="holds a bidirectional teacher's pairs, not an AR teacher's"):
+        run_in_process(causal_ode.CausalODETrainer, cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
