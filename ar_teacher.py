@@ -73,7 +73,8 @@ def causal_rollout(model, clean, noise, prompt_embeds, negative_embeds, sigmas, 
     model: a block-causal, per-frame-timestep Wan (load_ar_teacher); clean, noise [B, C, F, H, W]: the data
     latents (context) and the initial noise; clean None: free-running, each block after the teacher's own x0
     of the blocks before it (streaming, as a causal model is used); prompt_embeds, negative_embeds [B, L, D]
-    (negative unused when guidance_scale == 1); sigmas [N] descending from 1; record_steps: step indices whose pre-step state is kept.
+    (negative unused when guidance_scale == 1); sigmas [N] descending from 1; record_steps: step indices whose
+    pre-step state is kept.
     Returns [B, len(record_steps) + 1, C, F, H, W]: every block's state at each kept step, then its x0.
     """
     guided = guidance_scale != 1

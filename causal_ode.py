@@ -24,6 +24,7 @@ import kd
 import kd_causal
 from ar_teacher import free_running_samples
 from errors import ConfigError, run_cli
+from eval_references import teacher_inputs
 from teacher import teacher_solver
 
 
@@ -46,7 +47,7 @@ class CausalODETrainer(kd_causal.CausalKDTrainer):
         if self.cfg.models.teacher is None or not self.eval_indices:
             return  # a complete cache without its teacher: the pairs' references only
         shares = self.rank_share(self.eval_indices)
-        samples, negative = kd.teacher_inputs(self.cfg, sorted({i for i, _ in shares}), self.load_eval_sample,
+        samples, negative = teacher_inputs(self.cfg, sorted({i for i, _ in shares}), self.load_eval_sample,
                                               self.meta["max_sequence_length"], self.device)
         grids = [torch.tensor(self.grid.sigmas, dtype=torch.float64), self.sigmas[: self.num_steps].double().cpu()]
         solver = (m.teacher_solver, teacher_solver(self.cfg)["teacher_solver_settings"])

@@ -15,7 +15,8 @@ incomplete cache is completed first (generate_cache.py's code, on every rank).
 In reading order: the cached-trajectory dataset, the batch and timestep sampler, the student, the loss, the
 trainer, main. Elsewhere: Wan's flow matching and the t_list match (flow_matching.py), every config field
 (config.py), the cache format (cache_format.py), the teacher (teacher.py), the student's per-frame timesteps
-and block-causal attention (wan_student.py), checkpoints (checkpoints.py), previews (previews.py).
+and block-causal attention (wan_student.py), checkpoints (checkpoints.py), the eval's teacher references
+(eval_references.py), previews (previews.py).
 """
 
 import hashlib
@@ -33,19 +34,19 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from atomic_files import make_dirs, write_json_atomic, write_lines
-from cache_format import (open_cache, read_negative_embeds, read_prompt, read_verified, sample_path,
-                          verified_tensor)
+from cache_format import open_cache, read_prompt, read_verified, sample_path, verified_tensor
 from checkpoints import checkpoint_to_resume, has_ema, load_checkpoint, save_checkpoint
 from config import check_paths, config_from_argv, plain
 from distributed import barrier, free_device_memory, init_distributed, shutdown_distributed
 from ema import EMA
+from eval_references import rollout_error, teacher_k_step_samples
 from errors import CacheError, ConfigError, WriteError, one_line, run_cli
 from flow_matching import add_noise, conditioning_timesteps, teacher_grid, x0_from_velocity
 from generate_cache import generate_cache
 from models import compute_dtype, has_vae, load_transformer, load_vae
 from previews import write_previews
 from run_logs import eval_line, read_references, reference_path, trim_logs
-from teacher import pad_embeds, teacher_k_step
+from teacher import pad_embeds
 from tiny_demo import build_missing_models
 from wan_student import accept_frame_timesteps, make_block_causal
 
@@ -681,40 +682,6 @@ def lr_lambda(t):
         return 1.0
 
     return factor
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Beside the trainer: the eval's references (the teacher's own K-step sampling, the untrained student)
-
-
-def teacher_k_step_samples(cfg, indices, load_sample, sigmas, max_len, device):
-    """{index: x0 [C, F, H, W]} of the teacher's own sampling over the student's K grid points, with CFG (and a
-    Wan2.2 teacher's expert switch), from each sample's cached initial noise; load_sample(index) gives (states,
-    x0, embeds) as KDTrainer loads them."""
-    if not indices:
-        return {}
-    return teacher_k_step(cfg, *teacher_inputs(cfg, indices, load_sample, max_len, device), sigmas.double().cpu(),
-                          device)
-
-
-def teacher_inputs(cfg, indices, load_sample, max_len, device):
-    """({index: (initial noise [1, C, F, H, W], prompt [1, L, D], context or None)}, the negative prompt
-    [1, max_len, D]): what the teacher samples the eval's `indices` from."""
-    negative = read_negative_embeds(cfg.method.teacher_path_cache)
-    samples = {}
-    for index in indices:
-        states, _, embeds, context = load_sample(index)
-        samples[index] = (states[:1], embeds, context)
-    return samples, pad_embeds(negative, max_len)[None].to(device).float()
-
-
-def rollout_error(x0_of, indices, load_sample, rank, world_size, device):
-    """MSE of x0_of[index] against the teacher's cached x0, averaged over `indices` (collective)."""
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    for index in indices[rank::world_size]:
-        total += (x0_of[index] - load_sample(index)[1]).pow(2).mean().double()
-    dist.all_reduce(total)
-    return total.item() / len(indices)
 
 
 def main(argv, trainer_cls=KDTrainer):

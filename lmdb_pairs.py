@@ -324,8 +324,8 @@ def import_pairs(cfg, lmdb_path, grid, preset=None, unique_prompts=False, rank=0
 
 
 def cache_row(cache_dir, meta, index):
-    """Sample `index` as the field's row: fp16 [K+1, F, C, H, W] bytes and its prompt (CacheError if unusable).
-    """
+    """Sample `index` as the field's row: fp16 [S, F, C, H, W] bytes (S: the K+1 entries, and a causal ODE cache's
+    context) and its prompt (CacheError if unusable)."""
     path = sample_path(cache_dir, index)
     problem = sample_file_problem(path, meta, index)
     if problem is not None:
@@ -347,7 +347,8 @@ def export_pairs(cfg, out_path):
         raise ConfigError(f"{out_path} exists; export writes a new LMDB environment (delete it or choose "
                           "another path)")
     c, f, h, w = meta["latent_shape"]
-    row_shape = [len(meta["timesteps"]), f, c, h, w]
+    # a causal ODE cache's rows end with the clean context latent, after x0 (Causal Forcing's layout)
+    row_shape = [len(meta["timesteps"]) + bool(meta.get("causal_ode")), f, c, h, w]
     row_bytes = math.prod(row_shape) * ROW_DTYPE.itemsize
     stamp = json.dumps(meta, sort_keys=True).encode()
     tmp = out_path + TMP_SUFFIX

@@ -2478,6 +2478,28 @@ def test_a_causal_kd_run_trains_on_an_imported_cache_and_a_t_list_off_its_grid_i
         pairs_config(cache, "self_forcing", "method.recorded_steps=[0, 24, 12, 36]")
 
 
+def test_a_causal_ode_cache_exports_in_causal_forcings_row_layout_with_the_clean_context_last(
+        tmp_path, causal_ode_cache, kd_cache, stage1_teacher):
+    import lmdb_pairs
+
+    cfg = config.load_config(TINY, causal_ode_overrides(stage1_teacher, kd_cache, causal_ode_cache))
+    out = tmp_path / "causal.lmdb"
+    assert lmdb_pairs.export_pairs(cfg, str(out)) == 16
+    for i, (row, prompt) in enumerate(read_field_lmdb(out)[:3]):
+        tensors, metadata = read_sample(cache_format.sample_path(causal_ode_cache, i))
+        assert row.shape == (6, 6, 16, 8, 8) and prompt == metadata["prompt"]  # 4 states, x0, the context
+        assert torch.equal(row, tensors["latents"].half().transpose(1, 2))
+        assert torch.equal(row[-1], cache_format.read_x0(kd_cache, i)[0].half().transpose(0, 1))
+    # Causal Forcing's preset reads it back: the states and x0, the trailing context dropped
+    grid = lmdb_pairs.PRESETS["causal_forcing"]
+    back = tmp_path / "back"
+    lmdb_pairs.import_pairs(config.load_config(TINY, pairs_overrides(
+        back, grid, [999, 937, 833, 624, 0], "data.num_samples=4",
+        f"models.student.init_from={REPO}/tiny_models/wan-tiny-teacher")), str(out), grid)
+    again = read_sample(cache_format.sample_path(back, 2))[0]["latents"]
+    assert torch.equal(again, read_sample(cache_format.sample_path(causal_ode_cache, 2))[0]["latents"][:5])
+
+
 @pytest.mark.parametrize("defect, message", [
     (dict(latents_shape=""), r"pairs: no key 'latents_shape' \(expected the row count and the row shape"),
     (dict(latents_shape="6"), r"latents_shape is '6', the row count alone .* expected 'N S F C H W', here "
