@@ -30,7 +30,7 @@ import torch
 from ar_teacher import AR_CONFIG_KEY
 from atomic_files import TMP_SUFFIX, write_atomic
 from checkpoints import TRAINER_STATE, checkpoint_dirs, has_ema
-from config import load_config
+from config import latent_shape, load_config
 from errors import CacheError, ConfigError, run_cli
 from flow_matching import conditioning_timesteps, teacher_grid
 from models import load_transformer
@@ -212,6 +212,8 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
         raise ConfigError(f"--output-dir {output_dir} already exists; pass --overwrite to replace it")
     checkpoint = find_checkpoint(checkpoint)
     cfg = run_config(checkpoint)
+    if self_forcing and cfg.models.student.attention == "block_causal":
+        check_whole_blocks(cfg, checkpoint)
     model = load_checkpoint_student(checkpoint, cfg, ema)
     if cfg.models.student.attention == "block_causal":  # its attention pattern: an AR teacher's directory
         model.register_to_config(**{AR_CONFIG_KEY: cfg.method.num_frames_per_block})
@@ -240,6 +242,16 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
     os.rename(tmp, output_dir)
     print("\n".join(messages))
     return checkpoint
+
+
+def check_whole_blocks(cfg, checkpoint):
+    """ConfigError unless the run's block size divides its latent frames: Self-Forcing's and Causal Forcing's
+    causal inference generate whole blocks only (they assert num_frames % num_frame_per_block == 0)."""
+    frames, block = latent_shape(cfg.models.student.init_from, cfg)[1], cfg.method.num_frames_per_block
+    if frames % block:
+        raise ConfigError(f"--self-forcing: {checkpoint}'s run has {frames} latent frames (pipeline.num_frames="
+                          f"{cfg.pipeline.num_frames}), not a multiple of method.num_frames_per_block={block}; "
+                          "Self-Forcing's causal inference runs whole blocks only (export without --self-forcing)")
 
 
 FSDP_PREFIX = "_fsdp_wrapped_module."  # FSDP1's wrapper names, in Causal Forcing's EMA copies

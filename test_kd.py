@@ -1631,6 +1631,17 @@ def test_a_latent_folder_with_a_bad_file_is_one_error_naming_it_and_nothing_is_w
     assert not cache.exists()
 
 
+def test_a_self_forcing_export_of_a_causal_run_whose_block_size_leaves_a_partial_block_is_refused(stage1_run,
+                                                                                                  tmp_path):
+    import export
+
+    status, _, stderr = run_cli_in_process(export.main, "--checkpoint", stage1_run / "run", "--output-dir",
+                                           tmp_path / "out", "--self-forcing", tmp_path / "ode_init.pt")
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "has 6 latent frames (pipeline.num_frames=21), not a multiple of method.num_frames_per_block=4" in stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ode_init.pt").exists()
+
+
 def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_context(causal_ode_cache,
                                                                                       kd_cache, stage1_teacher,
                                                                                       tmp_path, monkeypatch):
