@@ -39,6 +39,9 @@ class ARDiffusionTrainer(kd_causal.CausalKDTrainer):
 
     def __init__(self, cfg, rank, world_size, device):
         super().__init__(cfg, rank, world_size, device)
+        if cfg.method.first_frame_given:
+            raise ConfigError("method.first_frame_given: ar_diffusion.py trains text-to-video only (image-to-video "
+                              "students: kd.py or kd_causal.py)")
         if cfg.models.student.attention != "block_causal":
             raise ConfigError("ar_diffusion.py trains an autoregressive teacher: set models.student.attention: "
                               "block_causal")

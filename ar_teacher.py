@@ -26,6 +26,7 @@ from models import autocast, compute_dtype, load_transformer
 from wan_student import KVCache, accept_frame_timesteps, make_block_causal
 
 AR_CONFIG_KEY = "block_causal_frames"  # in transformer/config.json: latent frames per block of an AR teacher
+FIRST_FRAME_KEY = "independent_first_frame"  # and true: an image-to-video student's first frame is a block alone
 
 
 def ar_frames_per_block(init_from, subfolder="transformer"):
@@ -41,12 +42,23 @@ def ar_frames_per_block(init_from, subfolder="transformer"):
     return frames
 
 
+def check_text_to_video(init_from):
+    """ConfigError for an image-to-video causal export (its first frame a block alone) where an AR teacher is
+    loaded: causal ODE generates every frame from text."""
+    path = os.path.join(init_from, "transformer", "config.json")
+    with open(path) as f:
+        if json.load(f).get(FIRST_FRAME_KEY):
+            raise ConfigError(f"{path}: {FIRST_FRAME_KEY} is set: an image-to-video student, not an AR teacher "
+                              "of text-to-video causal ODE")
+
+
 def load_ar_teacher(init_from, device):
     """(the frozen block-causal teacher, its frames per block); ConfigError for a bidirectional directory."""
     frames = ar_frames_per_block(init_from)
     if frames is None:
         raise ConfigError(f"{init_from} is not an AR teacher: its transformer/config.json has no "
                           f"{AR_CONFIG_KEY} (a bidirectional teacher's trajectories are not causal)")
+    check_text_to_video(init_from)
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()

@@ -35,6 +35,9 @@ class CausalODETrainer(kd_causal.CausalKDTrainer):
 
     def __init__(self, cfg, rank, world_size, device):
         super().__init__(cfg, rank, world_size, device)
+        if cfg.method.first_frame_given:
+            raise ConfigError("method.first_frame_given: causal_ode.py trains text-to-video only (image-to-video "
+                              "students: kd.py or kd_causal.py)")
         if cfg.models.student.attention != "block_causal":
             raise ConfigError("causal_ode.py trains a causal student: set models.student.attention: block_causal")
         self.ar_streaming = {}  # {eval index: the AR teacher's free-running x0 over its full grid [C, F, H, W]}

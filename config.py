@@ -73,6 +73,10 @@ DEFAULTS = {
         # causal ODE (an AR teacher, docs/causal.md): a complete cache whose x0 are the clean data latents that
         # the AR teacher sees as the context of each block (teacher forcing), sample i for sample i
         "context_cache": Opt(str),
+        # image-to-video (docs/i2v.md): the first latent frame is the given image's clean latent (the first frame of
+        # the teacher's x0): fed at timestep 0, never in the loss, and a causal student's first block of its own
+        # ([1, b, b, ...] frames: Self-Forcing's independent_first_frame, Causal Forcing's --i2v)
+        "first_frame_given": False,
     },
     "pipeline": {
         "flow_shift": 5.0,  # s in sigma' = s*sigma / (1 + (s-1)*sigma); Wan uses 5 at 480p

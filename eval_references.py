@@ -29,10 +29,11 @@ def teacher_inputs(cfg, indices, load_sample, max_len, device):
     return samples, pad_embeds(negative, max_len)[None].to(device).float()
 
 
-def rollout_error(x0_of, indices, load_sample, rank, world_size, device):
-    """MSE of x0_of[index] against the teacher's cached x0, averaged over `indices` (collective)."""
+def rollout_error(x0_of, indices, load_sample, rank, world_size, device, first_frame=0):
+    """MSE of x0_of[index] against the teacher's cached x0 over frames first_frame.., averaged over `indices`
+    (collective)."""
     total = torch.zeros((), device=device, dtype=torch.float64)
     for index in indices[rank::world_size]:
-        total += (x0_of[index] - load_sample(index)[1]).pow(2).mean().double()
+        total += (x0_of[index] - load_sample(index)[1])[:, first_frame:].pow(2).mean().double()
     dist.all_reduce(total)
     return total.item() / len(indices)

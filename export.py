@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from ar_teacher import AR_CONFIG_KEY
+from ar_teacher import AR_CONFIG_KEY, FIRST_FRAME_KEY
 from atomic_files import TMP_SUFFIX, write_atomic
 from checkpoints import TRAINER_STATE, checkpoint_dirs, has_ema
 from config import latent_shape, load_config
@@ -122,6 +122,8 @@ def sampling_schedule(cfg):
             "max_sequence_length": p.max_sequence_length, "num_frames": p.num_frames, "height": p.height,
             "width": p.width, "fps": p.fps, "attention": student.attention,
             "num_frames_per_block": m.num_frames_per_block if causal else None,
+            # image-to-video: the first latent frame is the image's clean latent, at timestep 0 (docs/i2v.md)
+            "first_frame_given": m.first_frame_given,
             "t_list": m.t_list, "flow_shift": p.flow_shift, "teacher_inference_steps": m.teacher_inference_steps,
             "teacher_solver": m.teacher_solver, "teacher_guidance_scale": m.teacher_guidance_scale}
 
@@ -217,6 +219,8 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
     model = load_checkpoint_student(checkpoint, cfg, ema)
     if cfg.models.student.attention == "block_causal":  # its attention pattern: an AR teacher's directory
         model.register_to_config(**{AR_CONFIG_KEY: cfg.method.num_frames_per_block})
+        if cfg.method.first_frame_given:
+            model.register_to_config(**{FIRST_FRAME_KEY: True})
     torch_dtype = DTYPES[dtype]
     tmp = os.path.normpath(output_dir) + TMP_SUFFIX
     shutil.rmtree(tmp, ignore_errors=True)
@@ -248,10 +252,12 @@ def check_whole_blocks(cfg, checkpoint):
     """ConfigError unless the run's block size divides its latent frames: Self-Forcing's and Causal Forcing's
     causal inference generate whole blocks only (they assert num_frames % num_frame_per_block == 0)."""
     frames, block = latent_shape(cfg.models.student.init_from, cfg)[1], cfg.method.num_frames_per_block
-    if frames % block:
+    given = "after the given first frame " if cfg.method.first_frame_given else ""
+    if (frames - cfg.method.first_frame_given) % block:
         raise ConfigError(f"--self-forcing: {checkpoint}'s run has {frames} latent frames (pipeline.num_frames="
-                          f"{cfg.pipeline.num_frames}), not a multiple of method.num_frames_per_block={block}; "
-                          "Self-Forcing's causal inference runs whole blocks only (export without --self-forcing)")
+                          f"{cfg.pipeline.num_frames}), {given}not a multiple of method.num_frames_per_block="
+                          f"{block}; Self-Forcing's causal inference runs whole blocks only (export without "
+                          "--self-forcing)")
 
 
 FSDP_PREFIX = "_fsdp_wrapped_module."  # FSDP1's wrapper names, in Causal Forcing's EMA copies

@@ -178,16 +178,16 @@ def build_student(cfg, device):
     (937.5 -> 936), and the student must be conditioned on exactly its timesteps."""
     model = load_transformer(cfg.models.student.init_from, torch.device("cpu"))
     return shard_student(model, cfg.models.student.attention, cfg.method.num_frames_per_block,
-                         cfg.training.gradient_checkpointing, device)
+                         cfg.training.gradient_checkpointing, device, cfg.method.first_frame_given)
 
 
-def shard_student(model, attention, frames_per_block, gradient_checkpointing, device):
+def shard_student(model, attention, frames_per_block, gradient_checkpointing, device, first_frame_alone=False):
     """`model` with per-frame timesteps, attention and checkpointing set, FSDP2-sharded (bench_gpu too)."""
     # Wan returns a reshaped view; we only read it out of place, which FSDP2's warning is about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     accept_frame_timesteps(model)
     if attention == "block_causal":
-        make_block_causal(model, frames_per_block)
+        make_block_causal(model, frames_per_block, first_frame_alone)
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else None,
@@ -259,6 +259,14 @@ class KDTrainer:
         """Per-frame t_list entry indices [B, F] in [0, K): one uniform draw per sample, for its frames."""
         per_sample = torch.randint(self.num_steps, (batch_size, 1), generator=generator)
         return per_sample.expand(batch_size, num_frames)
+
+    def step_indices(self, generator, batch_size, num_frames):
+        """sample_step_indices [B, F]; a given first frame (image-to-video) reads the clean entry K: context at
+        timestep 0, no loss."""
+        steps = self.sample_step_indices(generator, batch_size, num_frames)
+        if not self.cfg.method.first_frame_given:
+            return steps
+        return torch.cat([torch.full_like(steps[:, :1], self.num_steps), steps[:, 1:]], dim=1)
 
     # -- set-up ------------------------------------------------------------------------------------------
 
@@ -332,7 +340,7 @@ class KDTrainer:
         if self.cfg.models.teacher is not None and "teacher" not in self.references and self.eval_indices:
             self.references["teacher"] = rollout_error(self.teacher_k_step, self.eval_indices,
                                                        self.load_eval_sample, self.rank, self.world_size,
-                                                       self.device)
+                                                       self.device, int(self.cfg.method.first_frame_given))
 
     def teacher_sample_indices(self):
         """The eval samples whose teacher K-step x0 this rank needs: its stride while the teacher's reference
@@ -359,7 +367,7 @@ class KDTrainer:
         """Endless training batches from micro-batch `start` on, read by DataLoader workers."""
         t = self.cfg.training
         sampler = KDBatchSampler(self.train_indices, t.batch_size, self.rank, self.world_size, t.seed,
-                                 self.meta["latent_shape"][1], self.sample_step_indices, start)
+                                 self.meta["latent_shape"][1], self.step_indices, start)
         workers = {}
         if t.num_workers:
             workers = dict(num_workers=t.num_workers, prefetch_factor=t.prefetch_factor,
@@ -430,28 +438,40 @@ class KDTrainer:
         return result
 
     def eval_losses(self, index, states, x0, embeds, context):
-        """The held-out loss [K, F] of one sample at each noisy t_list entry (load_eval_sample's tensors)."""
-        K, frames = self.num_steps, states.shape[2]
-        t_frames, sigma_frames = self.t_values[:K, None].expand(K, frames), self.sigmas[:K, None].expand(K, frames)
-        return kd_frame_losses(self.model, states, x0[None], t_frames, sigma_frames, True, embeds.expand(K, -1, -1),
-                               None if context is None else context.expand(K, -1, -1, -1, -1))
+        """The held-out loss [K, F] of one sample at each noisy t_list entry (load_eval_sample's tensors); of the
+        frames after a given first frame, which is x0's, at timestep 0."""
+        K, g, frames = self.num_steps, int(self.cfg.method.first_frame_given), states.shape[2]
+        states = torch.cat([x0[None, :, :g].expand(K, -1, -1, -1, -1), states[:, :, g:]], dim=2)
+
+        def per_frame(values):  # [K, F]: entry k's value, 0 (clean) for a given first frame
+            return torch.cat([values.new_zeros(K, g), values[:K, None].expand(K, frames - g)], dim=1)
+
+        return kd_frame_losses(self.model, states, x0[None], per_frame(self.t_values), per_frame(self.sigmas), g == 0,
+                               embeds.expand(K, -1, -1),
+                               None if context is None else context.expand(K, -1, -1, -1, -1))[:, g:]
 
     def rollout_names(self):
         """The eval's rollout errors, in rollout_errors' order."""
         return ["rollout_error"] + (["rollout_error_streaming"] if self.streaming else [])
 
     def rollout_errors(self, index, noise, embeds, x0):
-        """[MSE] of each of student_samples against the teacher's cached x0 [C, F, H, W]."""
-        return [(sample - x0).pow(2).mean() for sample in self.student_samples(index, noise, embeds)]
+        """[MSE] of each of student_samples against the teacher's cached x0 [C, F, H, W], over the frames it
+        generates (a given first frame is the teacher's own)."""
+        g = int(self.cfg.method.first_frame_given)
+        return [(sample - x0)[:, g:].pow(2).mean() for sample in self.student_samples(index, noise, embeds, x0)]
 
-    def student_samples(self, index, noise, embeds):
+    def student_samples(self, index, noise, embeds, x0):
         """x0 [C, F, H, W] of the student's K-step sampling from a sample's cached initial noise [1, C, F, H, W]
-        and, for block-causal students, of its streaming sampling (fresh noise seeded by the sample)."""
-        samples = [sample_frames(self.model, noise, embeds, self.t_values, self.sigmas)[0]]
+        and, for block-causal students, of its streaming sampling (fresh noise seeded by the sample); with
+        method.first_frame_given both continue the first frame of the teacher's x0 [C, F, H, W]."""
+        first = x0[None, :, :1] if self.cfg.method.first_frame_given else None  # [1, C, 1, H, W]
+        rest = noise[:, :, 0 if first is None else 1 :]
+        one_pass = sample_frames(self.model, rest, embeds, self.t_values, self.sigmas, first)
+        samples = [one_pass[0] if first is None else torch.cat([first, one_pass], dim=2)[0]]
         if self.streaming:
             seed = stable_seed(self.cfg.training.seed, "streaming", index)
             samples.append(streaming_sample(self.model, noise, embeds, self.t_values, self.sigmas,
-                                            self.cfg.method.num_frames_per_block, seed)[0])
+                                            self.cfg.method.num_frames_per_block, seed, first)[0])
         return samples
 
     @torch.no_grad()
@@ -465,7 +485,7 @@ class KDTrainer:
         for index in self.preview_indices:
             states, x0, embeds, _ = self.load_eval_sample(index)
             teacher_k = [self.teacher_k_step[index]] if index in self.teacher_k_step else []
-            samples.append((index, [x0, *teacher_k, *self.student_samples(index, states[:1], embeds)]))
+            samples.append((index, [x0, *teacher_k, *self.student_samples(index, states[:1], embeds, x0)]))
         self.model.train()
         if self.rank != 0:
             return
@@ -655,14 +675,15 @@ def sample_frames(model, x, embeds, t_values, sigmas, context=None, generator=No
     return x0
 
 
-def streaming_sample(model, noise, embeds, t_values, sigmas, frames_per_block, seed=None):
+def streaming_sample(model, noise, embeds, t_values, sigmas, frames_per_block, seed=None, first=None):
     """x0 [1, C, F, H, W] generated block by block as Self-Forcing's causal inference does: each block from its
     own initial noise in `noise` [1, C, F, H, W] through the K steps, re-noised with fresh noise seeded by
     (seed, block) (seed None: the deterministic Euler steps), attending to the clean x0 of the blocks before
-    it at timestep 0. The block-causal student computes the prefix afresh at each step instead of keeping a KV
-    cache: the same numbers, simpler, more compute."""
-    done = noise[:, :, :0]
-    for start in range(0, noise.shape[2], frames_per_block):
+    it at timestep 0; after the given first frame `first` [1, C, 1, H, W] if any (image-to-video). The
+    block-causal student computes the prefix afresh at each step instead of keeping a KV cache: the same
+    numbers, simpler, more compute."""
+    done = noise[:, :, :0] if first is None else first
+    for start in range(done.shape[2], noise.shape[2], frames_per_block):
         generator = None if seed is None else torch.Generator(noise.device).manual_seed(stable_seed(seed, start))
         block = sample_frames(model, noise[:, :, start : start + frames_per_block], embeds, t_values, sigmas, done,
                               generator)

@@ -24,11 +24,14 @@ class CausalKDTrainer(kd.KDTrainer):
     """KDTrainer whose timestep sampler draws one t_list entry per block of frames."""
 
     def sample_step_indices(self, generator, batch_size, num_frames):
-        # the K noisy entries, and the clean x0 as a (K + 1)-th unless method.clean_context is off
+        # the K noisy entries, and the clean x0 as a (K + 1)-th unless method.clean_context is off; a given
+        # first frame is a block of its own (kd.py sets its entry)
         m = self.cfg.method
         block, entries = m.num_frames_per_block, self.num_steps + (m.clean_context and not self.causal_ode)
-        per_block = torch.randint(entries, (batch_size, -(-num_frames // block)), generator=generator)
-        return per_block.repeat_interleave(block, dim=1)[:, :num_frames]  # [B, F]
+        first = int(m.first_frame_given)
+        per_block = torch.randint(entries, (batch_size, first - (first - num_frames) // block), generator=generator)
+        return torch.cat([per_block[:, :first], per_block[:, first:].repeat_interleave(block, dim=1)],
+                         dim=1)[:, :num_frames]  # [B, F]
 
 
 if __name__ == "__main__":

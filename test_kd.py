@@ -1114,7 +1114,7 @@ def causal_sampler(frames_per_block=3, num_steps=4, clean_context=True):
 
     trainer = kd_causal.CausalKDTrainer.__new__(kd_causal.CausalKDTrainer)
     trainer.cfg = config.Config(method=config.Config(num_frames_per_block=frames_per_block,
-                                                     clean_context=clean_context))
+                                                     clean_context=clean_context, first_frame_given=False))
     trainer.num_steps = num_steps
     return trainer.sample_step_indices
 
@@ -1135,11 +1135,11 @@ def test_the_seed_causal_sampler_draws_one_uniform_noisy_step_per_block_with_a_p
 
 @pytest.fixture(scope="module")
 def tiny_student():
-    def build(attention, frames_per_block=2):
+    def build(attention, frames_per_block=2, first_frame_alone=False):
         model = models.load_transformer(str(REPO / "tiny_models" / "wan-tiny-student"), torch.device("cpu"))
         wan_student.accept_frame_timesteps(model)
         if attention == "block_causal":
-            wan_student.make_block_causal(model, frames_per_block)
+            wan_student.make_block_causal(model, frames_per_block, first_frame_alone)
         return model
 
     return build
@@ -1167,6 +1167,60 @@ def test_block_causal_outputs_of_earlier_blocks_ignore_later_blocks(tiny_student
     with torch.no_grad():
         leak = (full(x2, t2, text, return_dict=False)[0] - full(x, t, text, return_dict=False)[0])[:, :, :2]
     assert leak.abs().max() > 1e-3  # the bidirectional student does look ahead
+
+
+I2V_BLOCKS = [(0, 1), (1, 3), (3, 5), (5, 6)]  # the given first frame alone, then blocks of 2 (the last partial)
+
+
+def test_an_image_to_video_student_gives_the_first_frame_a_block_of_its_own_streamed_or_kv_cached(tiny_student):
+    model = tiny_student("block_causal", frames_per_block=2, first_frame_alone=True)
+    x, t, text = student_inputs(2)
+    cache, cached = wan_student.KVCache(), []
+    with torch.no_grad():
+        out = model(x, t, text, return_dict=False)[0]
+        for first, end in I2V_BLOCKS:  # each block: the model on the blocks up to it, or alone after a KV cache
+            prefix = model(x[:, :, :end], t[:, :end], text, return_dict=False)[0]
+            assert (out[:, :, first:end] - prefix[:, :, first:end]).abs().max() < 1e-5
+            cached.append(model(x[:, :, first:end], t[:, first:end], text, return_dict=False, kv_cache=cache,
+                                first_frame=first)[0])
+            cache.append = True
+            model(x[:, :, first:end], t[:, first:end], text, kv_cache=cache, first_frame=first)
+            cache.append = False
+        moved = x.clone()
+        moved[:, :, 2] += 1  # frame 2 is in frame 1's block, not in frame 0's
+        changed = model(moved, t, text, return_dict=False)[0] - out
+    assert (torch.cat(cached, dim=2) - out).abs().max() < 1e-5
+    assert changed[:, :, 0].abs().max() == 0 and changed[:, :, 1].abs().max() > 1e-3
+
+
+def test_the_given_first_frame_reads_the_clean_entry_and_the_blocks_after_it_draw_their_own(tiny_student):
+    import kd_causal
+
+    for cls, per_block in ((kd_causal.CausalKDTrainer, True), (kd.KDTrainer, False)):
+        trainer = cls.__new__(cls)
+        trainer.cfg = config.load_config(TINY, ["method.num_frames_per_block=2", "method.first_frame_given=true"])
+        trainer.num_steps, trainer.causal_ode = 4, False
+        steps = trainer.step_indices(torch.Generator().manual_seed(0), 4000, 6)  # blocks: 0 | 1-2 | 3-4 | 5
+        assert (steps[:, 0] == 4).all()  # the clean x0: context at timestep 0, no loss
+        assert (steps[:, 1] == steps[:, 2]).all() and (steps[:, 3] == steps[:, 4]).all()
+        assert ((steps[:, 2] != steps[:, 3]).float().mean() > 0.7) == per_block
+        assert steps[:, 1:].max() == (4 if per_block else 3)  # causal: the clean entry too, as clean context
+    trainer.cfg = config.load_config(TINY, ["method.first_frame_given=false"])
+    assert torch.equal(trainer.step_indices(torch.Generator().manual_seed(0), 8, 6),
+                       trainer.sample_step_indices(torch.Generator().manual_seed(0), 8, 6))
+
+
+def test_streaming_after_a_given_first_frame_keeps_it_and_continues_it(tiny_student):
+    model = tiny_student("block_causal", frames_per_block=2, first_frame_alone=True)
+    x, _, text = student_inputs(7)
+    noise, text, first = x[:1], text[:1], torch.randn_like(x[:1, :, :1])
+    t_values, sigmas = torch.tensor([1000.0, 625.0, 0.0]), torch.tensor([1.0, 0.625, 0.0])
+    with torch.no_grad():
+        video = kd.streaming_sample(model, noise, text, t_values, sigmas, 2, first=first)
+        other = kd.streaming_sample(model, noise, text, t_values, sigmas, 2, first=first + 1)
+        block = kd.sample_frames(model, noise[:, :, 1:3], text, t_values, sigmas, first)
+    assert torch.equal(video[:, :, :1], first) and torch.equal(video[:, :, 1:3], block)
+    assert (other[:, :, 1:] - video[:, :, 1:]).abs().max() > 1e-3  # the continuation depends on the image
 
 
 def test_block_causal_with_one_block_is_the_default_attention(tiny_student):
@@ -1735,6 +1789,47 @@ def test_the_student_is_conditioned_on_the_matched_grid_timesteps_unless_asked_f
     assert (tmp_path / "run" / "previews" / "step-3").is_dir()  # the previews' rollouts were among them
 
 
+@pytest.mark.parametrize("attention", ["block_causal", "full"])
+def test_an_image_to_video_student_learns_to_continue_the_given_first_frame(kd_cache, tmp_path, monkeypatch,
+                                                                            attention):
+    import export
+    import kd_causal
+
+    first_frame_timesteps = set()
+    velocity = kd.student_velocity
+
+    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None):
+        first_frame_timesteps.update(t_frames[:, 0].tolist())
+        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context)
+
+    monkeypatch.setattr(kd, "student_velocity", spy)  # training, the eval's losses and its rollouts
+    out = tmp_path / "run"
+    cfg = config.load_config(TINY, train_overrides(
+        kd_cache, out, "training.max_steps=60", "training.eval_every=60", "training.checkpoint_every=60",
+        "training.num_workers=0", "training.ema_decay=0", "method.first_frame_given=true",
+        f"models.student.attention={attention}", "method.num_frames_per_block=2"))
+    run_in_process(kd_causal.CausalKDTrainer if attention == "block_causal" else kd.KDTrainer, cfg)
+    assert first_frame_timesteps == {0.0}  # the given frame is clean context, at timestep 0, everywhere
+    losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert sum(losses[-15:]) / 15 < 0.7 * sum(losses[:15]) / 15
+    assert "loss_t0" not in read_jsonl(out / "metrics.jsonl")[0]  # the given frame carries no loss
+    final = read_jsonl(out / "eval.jsonl")[-1]  # rollouts: the generated frames 1.. only
+    assert final["rollout_error"] < final["rollout_error_untrained"]
+    export.export(str(out), str(tmp_path / "student"))
+    sampling = json.loads((tmp_path / "student" / "student_sampling.json").read_text())
+    assert sampling["first_frame_given"] is True
+    transformer = json.loads((tmp_path / "student" / "transformer" / "config.json").read_text())
+    assert transformer.get("independent_first_frame") is (True if attention == "block_causal" else None)
+    if attention == "block_causal":  # 6 latent frames: the given one, then 5, not whole blocks of 2
+        status, _, stderr = run_cli_in_process(export.main, "--checkpoint", out, "--output-dir", tmp_path / "sf",
+                                               "--self-forcing", tmp_path / "ode_init.pt")
+        assert status == 2 and "6 latent frames (pipeline.num_frames=21), after the given first frame not a " \
+                               "multiple of method.num_frames_per_block=2" in stderr
+        with pytest.raises(errors.ConfigError, match="independent_first_frame is set: an image-to-video student"):
+            import ar_teacher
+            ar_teacher.load_ar_teacher(str(tmp_path / "student"), torch.device("cpu"))
+
+
 def test_the_causal_sampler_draws_the_clean_entry_once_in_k_plus_one_per_block():
     steps = causal_sampler(frames_per_block=3, num_steps=4)(torch.Generator().manual_seed(0), 5000, 8)
     blocks = steps[:, [0, 3, 6]]  # blocks: frames 0-2, 3-5, 6-7
@@ -1913,6 +2008,23 @@ def demo_run(tmp_path_factory):
                       "training.max_steps=100", "training.eval_every=100", "training.checkpoint_every=100",
                       ranks=2)
     return out, proc
+
+
+def test_the_demos_image_to_video_student_continues_the_first_frame_closer_than_the_teachers_own_two_steps(
+        demo_run, tmp_path):
+    import kd_causal
+
+    out = tmp_path / "run"
+    cfg = config.load_config(REPO / "configs" / "tiny_causal_i2v.yaml", [
+        f"models.student.init_from={DEMO_STUDENT}", f"models.teacher.init_from={DEMO_TEACHER}",
+        f"data.prompts={REPO}/prompts/shapes.txt", f"method.teacher_path_cache={demo_run[0] / 'cache'}",
+        f"training.output_dir={out}", "training.max_steps=60", "training.eval_every=60", "training.num_workers=0",
+        "training.checkpoint_every=60", "training.ema_start_step=30", "training.preview_samples=1"])
+    run_in_process(kd_causal.CausalKDTrainer, cfg)
+    final = read_jsonl(out / "eval.jsonl")[-1]
+    assert final["rollout_error"] < final["rollout_error_untrained"] < final["rollout_error_teacher"]
+    assert final["rollout_error_streaming"] < final["rollout_error_untrained_streaming"]
+    assert (out / "previews" / "step-60").is_dir()
 
 
 def test_the_committed_demo_prompts_are_every_colour_shape_and_direction_eight_times(tmp_path):

@@ -55,6 +55,7 @@ class BlockCausalAttention:
     """
 
     tokens_per_block = None
+    first_block_tokens = 0  # > 0: the first frame is a block of its own (image-to-video), then tokens_per_block
     teacher_forcing = False
     kv_cache = None
 
@@ -65,26 +66,33 @@ class BlockCausalAttention:
         if rotary_emb is not None:
             q, k = rotate(q, *rotary_emb), rotate(k, *rotary_emb)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, L, head_dim]
-        n, length, start = self.tokens_per_block, q.shape[2], 0
+        length, start = q.shape[2], 0
         if self.kv_cache is not None:
             start = self.kv_cache.length
             k, v = self.kv_cache.extend(attn, k, v)  # [B, heads, context + L, head_dim]
         if self.teacher_forcing:  # queries [clean | noisy]: (rows, key spans) per block of each half
             half = length // 2
-            blocks = [(i, min(i + n, half)) for i in range(0, half, n)]  # the last block may be shorter
+            blocks = self.blocks(0, half)
             plan = [((i, end), [(0, end)]) for i, end in blocks]
             plan += [((half + i, half + end), [(0, i), (half + i, half + end)]) for i, end in blocks]
-        else:
-            plan = [((i, i + n), [(0, start + i + n)]) for i in range(0, length, n)]
+        else:  # the input's tokens are positions start.. of the sequence, the cache's keys the ones before
+            plan = [((i - start, end - start), [(0, end)]) for i, end in self.blocks(start, start + length)]
         sdpa = torch.nn.functional.scaled_dot_product_attention
         out = torch.cat([sdpa(q[:, :, a:b], torch.cat([k[:, :, c:d] for c, d in spans], dim=2),
                               torch.cat([v[:, :, c:d] for c, d in spans], dim=2)) for (a, b), spans in plan], dim=2)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, L, heads * head_dim]
         return attn.to_out[1](attn.to_out[0](out))
 
+    def blocks(self, begin, end):
+        """[(first, end)] token positions of each block in [begin, end) (the last block may be shorter)."""
+        cuts = {0, *range(self.first_block_tokens, end, self.tokens_per_block)}
+        cuts = sorted({c for c in cuts if begin < c < end} | {begin, end})
+        return list(zip(cuts[:-1], cuts[1:]))
 
-def make_block_causal(model, frames_per_block):
-    """Give every self-attention layer of a WanTransformer3DModel the block-causal processor."""
+
+def make_block_causal(model, frames_per_block, first_frame_alone=False):
+    """Give every self-attention layer of a WanTransformer3DModel the block-causal processor: blocks of
+    frames_per_block latent frames, or with first_frame_alone the first frame, then such blocks."""
     if model.config.patch_size[0] != 1:
         raise ConfigError("block-causal attention needs a temporal patch size of 1 "
                           "(every Wan2.1 model has it)")
@@ -95,7 +103,9 @@ def make_block_causal(model, frames_per_block):
     def set_layout(module, args, kwargs):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, C, F, H, W]
         _, p_h, p_w = module.config.patch_size
-        processor.tokens_per_block = frames_per_block * (x.shape[3] // p_h) * (x.shape[4] // p_w)
+        frame_tokens = (x.shape[3] // p_h) * (x.shape[4] // p_w)
+        processor.tokens_per_block = frames_per_block * frame_tokens
+        processor.first_block_tokens = frame_tokens if first_frame_alone else 0
         processor.teacher_forcing = kwargs.get("teacher_forcing", False)
         processor.kv_cache = kwargs.get("kv_cache")
 
