@@ -124,6 +124,9 @@ def sampling_schedule(cfg):
             "num_frames_per_block": m.num_frames_per_block if causal else None,
             # image-to-video: the first latent frame is the image's clean latent, at timestep 0 (docs/i2v.md)
             "first_frame_given": m.first_frame_given,
+            # the lines Self-Forcing's (and Causal Forcing's) config needs to stream a causal student as trained
+            "self_forcing_config": {"num_frame_per_block": m.num_frames_per_block,
+                                    "independent_first_frame": m.first_frame_given} if causal else None,
             "t_list": m.t_list, "flow_shift": p.flow_shift, "teacher_inference_steps": m.teacher_inference_steps,
             "teacher_solver": m.teacher_solver, "teacher_guidance_scale": m.teacher_guidance_scale}
 
@@ -241,6 +244,10 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
         write_atomic(self_forcing, lambda p: torch.save(generators, p))
         messages.append(f"wrote {self_forcing} ({' and '.join(generators)} in Self-Forcing's generator layout, "
                         "round-trip checked)")
+        if cfg.models.student.attention == "block_causal":
+            lines = sampling_schedule(cfg)["self_forcing_config"]
+            messages.append("its Self-Forcing config: " + ", ".join(f"{k}: {str(v).lower()}" for k, v in lines.items())
+                            + (" (inference.py --i2v)" if cfg.method.first_frame_given else ""))
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     os.rename(tmp, output_dir)

@@ -1818,6 +1818,8 @@ def test_an_image_to_video_student_learns_to_continue_the_given_first_frame(kd_c
     export.export(str(out), str(tmp_path / "student"))
     sampling = json.loads((tmp_path / "student" / "student_sampling.json").read_text())
     assert sampling["first_frame_given"] is True
+    assert sampling["self_forcing_config"] == ({"num_frame_per_block": 2, "independent_first_frame": True}
+                                               if attention == "block_causal" else None)
     transformer = json.loads((tmp_path / "student" / "transformer" / "config.json").read_text())
     assert transformer.get("independent_first_frame") is (True if attention == "block_causal" else None)
     if attention == "block_causal":  # 6 latent frames: the given one, then 5, not whole blocks of 2
