@@ -40,12 +40,12 @@ from config import check_paths, config_from_argv, plain
 from distributed import barrier, free_device_memory, init_distributed, shutdown_distributed
 from ema import EMA
 from eval_references import rollout_error, teacher_k_step_samples
-from errors import CacheError, ConfigError, WriteError, one_line, run_cli
+from errors import CacheError, ConfigError, run_cli
 from flow_matching import add_noise, conditioning_timesteps, teacher_grid, x0_from_velocity
 from generate_cache import generate_cache
 from models import compute_dtype, has_vae, load_transformer, load_vae
 from previews import write_previews
-from run_logs import eval_line, read_references, reference_path, trim_logs
+from run_logs import append_jsonl, eval_line, read_references, reference_path, trim_logs
 from teacher import pad_embeds
 from tiny_demo import build_missing_models
 from wan_student import accept_frame_timesteps, make_block_causal
@@ -525,15 +525,7 @@ class KDTrainer:
     def append_jsonl(self, name, record):
         """Append one JSON line to output_dir/name on rank 0 (and to wandb when it is on)."""
         if self.rank == 0:
-            path = os.path.join(self.cfg.training.output_dir, name)
-            try:
-                with open(path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:
-                raise WriteError(f"writing {path}: {one_line(e)}") from None
-            if self.wandb is not None:
-                self.wandb.log({f"{name.removesuffix('.jsonl')}/{k}": v for k, v in record.items()},
-                               step=record["step"])
+            append_jsonl(self.cfg.training.output_dir, name, record, self.wandb)
 
     def train_step(self, batches):
         """One optimizer step over the micro-batches: (loss sums per noisy entry [K], counts [K], grad norm).

@@ -6,6 +6,7 @@ import math
 import os
 
 from atomic_files import write_lines
+from errors import WriteError, one_line
 
 
 def reference_path(output_dir):
@@ -39,6 +40,18 @@ def eval_line(step, result, refs, num_steps, loss_name="kd loss"):
                  + f", untrained student {refs.get('untrained_streaming_ar', math.nan):.5f}, teacher {num_steps}-step "
                  f"{refs.get('teacher_streaming', math.nan):.5f}")
     return line
+
+
+def append_jsonl(output_dir, name, record, wandb=None):
+    """Append one JSON line to output_dir/name (and log it to wandb when it is on)."""
+    path = os.path.join(output_dir, name)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise WriteError(f"writing {path}: {one_line(e)}") from None
+    if wandb is not None:
+        wandb.log({f"{name.removesuffix('.jsonl')}/{k}": v for k, v in record.items()}, step=record["step"])
 
 
 def read_references(output_dir):
