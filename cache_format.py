@@ -24,6 +24,7 @@ from atomic_files import write_atomic
 from config import latent_shape, read_prompts
 from errors import CacheError, one_line
 from flow_matching import teacher_grid
+from i2v import conditioning
 from teacher import teacher_experts, teacher_solver
 
 CACHE_FORMAT_VERSION = 2  # 2: per-slice CRC32 checksums in each sample file's metadata
@@ -68,6 +69,7 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
         "max_sequence_length": p.max_sequence_length,
         "causal_ode": causal_ode(cfg),  # False, or an AR teacher's block size and its context cache
         "clean_data": False,  # True: latent_data.py's cache of the user's own latents, x0 only
+        "conditioning": conditioning(cfg),  # "text", or an image-conditioned teacher's kind and its images
         "latent_shape": list(shape) if shape is not None else None,
         "timesteps": teacher_grid(cfg).timesteps,
         "num_samples": len(prompts) if prompts is not None else cfg.data.num_samples,
@@ -79,7 +81,7 @@ def cache_fingerprint(cfg, prompts=None, shape=None):
 
 # Fingerprint fields added after format 2, with the value that every cache written before them had
 ADDED_FIELDS = {"teacher_experts": ["transformer"], "teacher_solver": "euler", "causal_ode": False,
-                "clean_data": False}
+                "clean_data": False, "conditioning": "text"}
 # What a clean-data cache (latent_data.py) records and a reader compares: the data; it has no teacher or grid
 CLEAN_DATA_FIELDS = ("format_version", "num_frames", "height", "width", "max_sequence_length", "latent_shape",
                      "num_samples", "prompts_sha256", "dtype")

@@ -4,7 +4,10 @@ A run's config is a YAML file plus `key.path=value` overrides (values parsed as 
 types, non-finite numbers and out-of-range values are each one ConfigError naming the dotted field.
 """
 
+import csv
 import difflib
+import io
+import json
 import math
 import os
 import re
@@ -397,23 +400,69 @@ def check_paths(cfg):
 
 
 def read_prompts(cfg):
-    """The prompts of data.prompts (one per line, blank lines skipped), the first data.num_samples of them."""
+    """The prompts of data.prompts, the first data.num_samples of them (prompt_rows)."""
+    return [prompt for prompt, _ in prompt_rows(cfg)]
+
+
+def prompt_rows(cfg):
+    """[(prompt, image path or None)] of data.prompts, the first data.num_samples: a text file (one prompt per
+    line, blank lines skipped), JSONL (one object per line: "prompt", and optionally "image") or CSV (columns
+    prompt and, optionally, image). Image paths are relative to the prompts file's folder."""
     path = cfg.data.prompts
     if not path:
-        raise ConfigError("data.prompts must be set (a text file with one prompt per line)")
+        raise ConfigError("data.prompts must be set (a text file with one prompt per line, or JSONL/CSV with "
+                          "prompt and image)")
     try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"data.prompts: file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"data.prompts: cannot read {path} as UTF-8 text ({e})") from None
-    if not prompts:
+    rows = _parse_rows(path, text)
+    if not rows:
         raise ConfigError(f"data.prompts: {path} holds no prompts")
     n = cfg.data.num_samples
-    if n is not None and n > len(prompts):
-        raise ConfigError(f"data.num_samples={n} but {path} holds only {len(prompts)} prompts")
-    return prompts[:n] if n is not None else prompts
+    if n is not None and n > len(rows):
+        raise ConfigError(f"data.num_samples={n} but {path} holds only {len(rows)} prompts")
+    folder = os.path.dirname(os.path.abspath(path))
+    return [(prompt, os.path.join(folder, image) if image else None) for prompt, image in rows[:n]]
+
+
+def _parse_rows(path, text):
+    """[(prompt, image or None)] of a prompts file's text, by its extension; ConfigError naming the line."""
+    if path.endswith(".jsonl"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"data.prompts: {path} line {number} is not JSON ({e})") from None
+            rows.append(_checked_row(row, f"{path} line {number}"))
+        return rows
+    if path.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        if "prompt" not in (reader.fieldnames or []):
+            raise ConfigError(f"data.prompts: {path} has no 'prompt' column (found {reader.fieldnames})")
+        return [_checked_row(row, f"{path} row {number}") for number, row in enumerate(reader, 1)]
+    return [(line.strip(), None) for line in text.splitlines() if line.strip()]
+
+
+def _checked_row(row, where):
+    """(prompt, image or None) of one JSONL object or CSV row; ConfigError naming it."""
+    if not isinstance(row, dict):
+        raise ConfigError(f"data.prompts: {where}: expected an object with 'prompt' (and 'image')")
+    unknown = sorted(set(row) - {"prompt", "image"})
+    if unknown:
+        raise ConfigError(f"data.prompts: {where}: unknown field(s) {unknown} (expected 'prompt' and 'image')")
+    prompt, image = row.get("prompt"), row.get("image") or None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError(f"data.prompts: {where}: 'prompt' must be a non-empty string, got {prompt!r}")
+    if image is not None and not isinstance(image, str):
+        raise ConfigError(f"data.prompts: {where}: 'image' must be a file path, got {image!r}")
+    return prompt.strip(), image
 
 
 def latent_shape(init_from, cfg):

@@ -27,7 +27,8 @@ from distributed import (all_gather_objects, barrier, free_device_memory, init_d
                          shutdown_distributed)
 from errors import ConfigError, run_cli
 from flow_matching import teacher_grid
-from models import load_text_encoder
+from i2v import FirstFrame, check_conditioning, image_latents, image_paths, teacher_conditioning
+from models import load_text_encoder, load_vae
 from teacher import encode_prompt, load_teacher, pad_embeds, teacher_rollout
 from tiny_demo import build_missing_models
 
@@ -94,6 +95,7 @@ def generate_cache(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     if teacher is None:
         raise ConfigError("generating the trajectory cache needs models.teacher (with init_from)")
     cache_dir = cfg.method.teacher_path_cache
+    check_conditioning(cfg)
     prompts = read_prompts(cfg)
     shape = latent_shape(teacher.init_from, cfg)
     fingerprint = cache_fingerprint(cfg, prompts, shape)
@@ -123,7 +125,8 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
     embeds = {i: encode_prompt(encoder, tokenizer, prompts[i], max_len, device).to(dtype) for i in indices}
     negative = encode_prompt(encoder, tokenizer, m.teacher_negative_prompt, max_len, device).to(dtype)
     del encoder, tokenizer
-    free_device_memory(device)  # the text encoder is gone before the teacher arrives
+    images = first_frames(cfg, indices, dtype, device)  # {index: FirstFrame} of an image-conditioned teacher
+    free_device_memory(device)  # the text encoder (and VAE) are gone before the teacher arrives
     if rank == 0 and not os.path.exists(negative_embeds_path(m.teacher_path_cache)):  # for K-step references
         write_negative_embeds(m.teacher_path_cache, negative, m.teacher_negative_prompt)
     if not indices:
@@ -150,7 +153,8 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
         solver = fingerprint["teacher_solver"], fingerprint["teacher_solver_settings"]
         if context_cache is None:
             states = teacher_rollout(model, noise, prompt_in, negative_in, grid.sigmas, m.teacher_guidance_scale,
-                                     grid.recorded, low_noise, m.teacher_cfg_forward, *solver)  # [1, K+1, C, F, H, W]
+                                     grid.recorded, low_noise, m.teacher_cfg_forward, *solver,
+                                     images.get(i))  # [1, K+1, C, F, H, W]
         else:
             clean, prompt = read_x0(context_cache, i)  # [C, F, H, W]: the clean data this sample's blocks follow
             if prompt != prompts[i]:
@@ -179,6 +183,22 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
     bar.close()
     del model, low_noise
     free_device_memory(device)
+
+
+def first_frames(cfg, indices, dtype, device):
+    """{index: i2v.FirstFrame} of the samples `indices` for a teacher that continues a given first frame ({} for
+    a text-to-video one): each image's latent by the teacher's VAE, rounded through the cache dtype so that the
+    teacher is conditioned on exactly the first frame of x0 the student will read."""
+    init_from = cfg.models.teacher.init_from
+    if not indices or teacher_conditioning(init_from) != "first_frame":
+        return {}
+    from diffusers import WanTransformer3DModel
+
+    paths, p = image_paths(cfg), cfg.pipeline
+    vae = load_vae(init_from, device)
+    latents = image_latents(vae, {i: paths[i] for i in indices}, p.height, p.width, device)
+    patch = WanTransformer3DModel.load_config(init_from, subfolder="transformer")["patch_size"]
+    return {i: FirstFrame(latent.to(dtype).float(), patch) for i, latent in latents.items()}
 
 
 def main(argv):

@@ -318,6 +318,9 @@ class KDTrainer:
         if self.clean_data and not self.trains_on_clean_data:
             raise ConfigError(f"{cache} holds clean latents only (latent_data.py), no teacher trajectories: train "
                               "an AR teacher on it (ar_diffusion.py) or name it as method.context_cache")
+        if isinstance(self.meta.get("conditioning"), dict) and not self.cfg.method.first_frame_given:
+            raise ConfigError(f"{cache} holds an image-conditioned teacher's pairs: train a student that continues "
+                              "their first frame (method.first_frame_given: true)")
         if bool(self.meta.get("causal_ode")) != self.causal_ode:
             raise ConfigError(f"{cache} holds causal ODE pairs: train a block-causal student on them with "
                               "causal_ode.py" if not self.causal_ode else f"{cache} holds a bidirectional "

@@ -111,7 +111,7 @@ def encode_prompt(encoder, tokenizer, prompt, max_length, device):
 
 @torch.no_grad()
 def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidance_scale, record_steps,
-                    low_noise=None, cfg_forward="batched", solver="euler", solver_settings=None):
+                    low_noise=None, cfg_forward="batched", solver="euler", solver_settings=None, image=None):
     """The ODE over the teacher's sigma grid with classifier-free guidance; the kept states and x0, fp32.
 
     model: any module with WanTransformer3DModel's forward(hidden_states, timestep, encoder_hidden_states,
@@ -119,21 +119,27 @@ def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidan
     negative_embeds [B, L, D] (negative unused when guidance_scale == 1); sigmas [N] descending from 1 (the
     final 0 is implied); record_steps: step indices whose pre-step state is kept; low_noise: a LowNoiseExpert
     that takes over below its boundary (Wan2.2), or None; cfg_forward: see guided_velocity; solver "euler" or
-    "unipc" with its settings (flow_matching.ode_solver). Returns [B, len(record_steps) + 1, C, F, H, W]."""
+    "unipc" with its settings (flow_matching.ode_solver); image: an image conditioning (i2v.FirstFrame) or None.
+    Returns [B, len(record_steps) + 1, C, F, H, W], as the model sees them (a given first frame in place)."""
     ode = ode_solver(solver, sigmas, solver_settings)
     record = set(record_steps)
     x = noise.float()
     kept = []
+
+    def seen(x):  # what the model is given: with an image, its latent as the first frame
+        return x if image is None else image.blend(x)
+
     for i in range(len(sigmas)):
         if i in record:
-            kept.append(x)
+            kept.append(seen(x))
         t = ode.timestep(i)  # as the model sees it
         expert, scale = model, guidance_scale
         if low_noise is not None and t < low_noise.boundary:  # diffusers' switch, on the timestep it passes
             expert, scale = low_noise.model, low_noise.guidance_scale
-        v = guided_velocity(expert, x, t, prompt_embeds, negative_embeds, scale, cfg_forward)
+        t_in = t if image is None else image.timesteps(x, t)  # per token, 0 on the image's
+        v = guided_velocity(expert, seen(x), t_in, prompt_embeds, negative_embeds, scale, cfg_forward)
         x = ode.step(i, x, v)
-    kept.append(x)
+    kept.append(seen(x))
     return torch.stack(kept, dim=1)
 
 
@@ -142,8 +148,9 @@ def guided_velocity(model, x, timestep, prompt_embeds, negative_embeds, guidance
     uncond as one forward of batch 2B; "separate": two forwards of batch B (half the activation memory). The
     two agree to rounding (method.teacher_cfg_forward)."""
 
-    def velocity(x_in, context):
-        t = torch.full((x_in.shape[0],), timestep, device=x.device)
+    def velocity(x_in, context):  # timestep: one number, or one per token [L]
+        t = (timestep.expand(x_in.shape[0], -1) if torch.is_tensor(timestep)
+             else torch.full((x_in.shape[0],), timestep, device=x.device))
         with autocast(x.device):
             return model(x_in, t, context, return_dict=False)[0].float()
 
@@ -162,9 +169,9 @@ def teacher_k_step(cfg, samples, negative_embeds, sigmas, device):
     its expert switch) and its solver (method.teacher_solver).
 
     samples: {index: (initial state [1, C, F, H, W], prompt embeddings [1, L, D], clean context [1, C, F, H, W]
-    or None)}; negative_embeds [1, L, D]; sigmas [K] the student's matched sigmas; CFG runs as
-    method.teacher_cfg_forward says. An AR teacher (causal ODE) samples block by block after each sample's
-    context. The teacher is loaded for the call and freed after it.
+    or None, image conditioning or None)}; negative_embeds [1, L, D]; sigmas [K] the student's matched sigmas;
+    CFG runs as method.teacher_cfg_forward says. An AR teacher (causal ODE) samples block by block after each
+    sample's context. The teacher is loaded for the call and freed after it.
     """
     m, settings = cfg.method, teacher_solver(cfg)["teacher_solver_settings"]
     if m.context_cache is not None:
@@ -173,8 +180,9 @@ def teacher_k_step(cfg, samples, negative_embeds, sigmas, device):
         model, frames_per_block = load_ar_teacher(cfg.models.teacher.init_from, device)
         return {index: causal_rollout(model, context, noise, embeds, negative_embeds, sigmas,
                                       m.teacher_guidance_scale, [], frames_per_block, True, m.teacher_solver,
-                                      settings)[0, -1] for index, (noise, embeds, context) in samples.items()}
+                                      settings)[0, -1]
+                for index, (noise, embeds, context, _) in samples.items()}
     model, low_noise = load_teacher(cfg, device)
     return {index: teacher_rollout(model, noise, embeds, negative_embeds, sigmas, m.teacher_guidance_scale, [],
-                                   low_noise, m.teacher_cfg_forward, m.teacher_solver, settings)[0, -1]
-            for index, (noise, embeds, _) in samples.items()}
+                                   low_noise, m.teacher_cfg_forward, m.teacher_solver, settings, image)[0, -1]
+            for index, (noise, embeds, _, image) in samples.items()}

@@ -523,7 +523,7 @@ def test_eval_teacher_k_step_reference_equals_wan_pipeline_on_the_students_grid(
     cfg = config.load_config(TINY_WAN22, tiny_wan22_overrides("unused"))
     student_sigmas = torch.tensor(flow_matching.teacher_grid(cfg).student_sigmas, dtype=torch.float64)
     assert [s * 1000 >= 875 for s in student_sigmas] == [True, True, False, False]  # two steps per expert
-    ours = teacher.teacher_k_step(cfg, {0: (noise, cond, None)}, uncond, student_sigmas, torch.device("cpu"))[0]
+    ours = teacher.teacher_k_step(cfg, {0: (noise, cond, None, None)}, uncond, student_sigmas, torch.device("cpu"))[0]
     expected = wan_pipeline_states(moe_pipeline, noise, cond, uncond, student_sigmas, 1.0, 4.0, 3.0)[0, -1]
     assert (ours - expected).abs().max() < 1e-4
 
@@ -1415,6 +1415,167 @@ def test_a_tiny_causal_run_on_the_same_cache_learns(kd_cache, tmp_path):
     assert "streaming" in proc.stdout + proc.stderr
     assert "loss_t0" not in read_jsonl(out / "metrics.jsonl")[0]  # the clean entry is context, not a loss
     assert config.load_config(out / "config.yaml").models.student.attention == "block_causal"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image-to-video: a teacher that continues a given first frame (Wan2.2-TI2V's expand_timesteps)
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory):
+    """(the random tiny teacher marked expand_timesteps, as Wan2.2-TI2V-5B's model_index.json is; a JSONL prompts
+    file naming an image per sample, the images 80x96 so that they are resized; its folder)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("ti2v")
+    teacher_dir = root / "wan-tiny-ti2v"
+    tiny_demo.ensure_model_dir(str(REPO / "tiny_models" / "wan-tiny-teacher"))
+    shutil.copytree(REPO / "tiny_models" / "wan-tiny-teacher", teacher_dir)
+    index = teacher_dir / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "expand_timesteps": True}))
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i, prompt in enumerate((REPO / "prompts" / "example.txt").read_text().splitlines()[:6]):
+        pixels = (torch.rand(80, 96, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"image_{i}.png")
+        rows.append(json.dumps({"prompt": prompt, "image": f"image_{i}.png"}))
+    (root / "prompts.jsonl").write_text("\n".join(rows) + "\n")
+    return teacher_dir, root / "prompts.jsonl", root
+
+
+def ti2v_overrides(ti2v, cache, *extra):
+    teacher_dir, prompts, _ = ti2v
+    return tiny_overrides(cache, f"models.teacher.init_from={teacher_dir}", f"data.prompts={prompts}",
+                          "data.num_samples=6", "method.first_frame_given=true", *extra)
+
+
+@pytest.fixture(scope="module")
+def ti2v_cache(ti2v, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("ti2v_cache") / "cache"
+    generate_cache.generate_cache(config.load_config(TINY, ti2v_overrides(
+        ti2v, cache, "data.cache_dtype=float32", "method.keep_full_trajectory=true")))
+    return cache
+
+
+def test_a_ti2v_teachers_cache_is_wan_image_to_video_pipelines_own_trajectory_state_for_state(ti2v, ti2v_cache):
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    teacher_dir, _, root = ti2v
+    cfg = config.load_config(TINY, ti2v_overrides(ti2v, ti2v_cache, "data.cache_dtype=float32",
+                                                  "method.keep_full_trajectory=true"))
+    meta = json.loads((ti2v_cache / "metadata.json").read_text())
+    assert meta["conditioning"]["kind"] == "first_frame" and len(meta["conditioning"]["images_sha256"]) == 64
+    pipe = WanImageToVideoPipeline.from_pretrained(teacher_dir)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.expand_timesteps
+    cached = read_sample(cache_format.sample_path(ti2v_cache, 1))[0]
+    negative = read_sample(cache_format.negative_embeds_path(ti2v_cache))[0]["prompt_embeds"]
+    length = cfg.pipeline.max_sequence_length
+    pipe.scheduler = FlowMatchEulerOnGrid(48)
+    states = []
+
+    def keep(pipe, i, t, tensors):
+        states.append(tensors["latents"].clone())
+        return {}
+
+    noise = generate_cache.initial_noise(meta["latent_shape"], cfg.data.seed + 1)
+    x0 = pipe(image=Image.open(root / "image_1.png"), prompt_embeds=teacher.pad_embeds(cached["prompt_embeds"],
+                                                                                        length)[None],
+              negative_prompt_embeds=teacher.pad_embeds(negative, length)[None], latents=noise.clone(),
+              num_inference_steps=48, num_frames=cfg.pipeline.num_frames, height=64, width=64,
+              guidance_scale=cfg.method.teacher_guidance_scale, output_type="latent", callback_on_step_end=keep
+              ).frames
+    latents = cached["latents"]  # [49, C, F, H, W]: the model's inputs, the image latent as their first frame
+    expected = torch.cat([noise[:, None], torch.stack(states, dim=1)], dim=1)[0]
+    assert (latents[:-1, :, 1:] - expected[:-1, :, 1:]).abs().max() < 1e-4  # the frames the ODE moves
+    assert (latents[-1] - x0[0]).abs().max() < 1e-4  # x0: the pipeline's result, the image latent first
+    assert (latents[:, :, :1] == latents[-1:, :, :1]).all()  # every state's first frame: the image latent
+
+
+class FlowMatchEulerOnGrid:
+    """diffusers' FlowMatchEulerDiscreteScheduler, shift 5, asked for our grid of `steps` steps."""
+
+    def __new__(cls, steps):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+        unshifted = [float(s) for s in torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]]
+        scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=unshifted)
+        return scheduler
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_image", r"data.prompts: sample 2 of .*prompts.jsonl names no image, and the teacher is image-conditioned"),
+    ("missing", r"data.prompts: sample 2's image .*image_2.png does not exist"),
+    ("unreadable", r"data.prompts: sample 2's image .*image_2.png is unreadable"),
+    ("not_json", r"data.prompts: .*prompts.jsonl line 3 is not JSON"),
+    ("unknown_field", r"data.prompts: .*prompts.jsonl line 3: unknown field\(s\) \['images'\]"),
+    ("first_frame_off", r"continues a given first frame \(expand_timesteps\): set method.first_frame_given: true"),
+])
+def test_bad_image_prompts_are_one_error_naming_the_sample_and_nothing_is_written(ti2v, tmp_path, damage,
+                                                                                  message):
+    teacher_dir, prompts, root = ti2v
+    rows = prompts.read_text().splitlines()
+    folder = tmp_path / "data"
+    shutil.copytree(root, folder, ignore=shutil.ignore_patterns("wan-tiny-ti2v"))
+    row = json.loads(rows[2])
+    if damage == "no_image":
+        rows[2] = json.dumps({"prompt": row["prompt"]})
+    elif damage == "missing":
+        (folder / "image_2.png").unlink()
+    elif damage == "unreadable":
+        (folder / "image_2.png").write_bytes(b"not a png")
+    elif damage == "not_json":
+        rows[2] = "{prompt: unquoted}"
+    elif damage == "unknown_field":
+        rows[2] = json.dumps({**row, "images": "x.png"})
+    (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
+    overrides = ti2v_overrides((teacher_dir, folder / "prompts.jsonl", folder), tmp_path / "cache")
+    if damage == "first_frame_off":
+        overrides.append("method.first_frame_given=false")
+    status, _, stderr = run_cli_in_process(generate_cache.main, TINY, *overrides)
+    assert status == 2 and re.search(message, stderr) and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_prompts_file_with_images_is_refused_for_a_text_to_video_teacher_and_csv_reads_like_jsonl(ti2v, tmp_path):
+    _, prompts, root = ti2v
+    with pytest.raises(errors.ConfigError, match="names images but the teacher .*wan-tiny-teacher is text-to-video"):
+        generate_cache.generate_cache(tiny_config(tmp_path / "cache", f"data.prompts={prompts}", "data.num_samples=6"))
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    csv_path = root / "prompts.csv"
+    csv_path.write_text("prompt,image\n" + "".join(f'"{r["prompt"]}",{r["image"]}\n' for r in rows))
+    as_csv = config.prompt_rows(tiny_config(tmp_path, f"data.prompts={csv_path}", "data.num_samples=6"))
+    as_jsonl = config.prompt_rows(tiny_config(tmp_path, f"data.prompts={prompts}", "data.num_samples=6"))
+    assert as_csv == as_jsonl and as_jsonl[0][1] == str(root / "image_0.png")
+
+
+def test_the_committed_image_to_video_example_is_tiny_worlds_first_frames_and_reads_as_prompt_rows(tmp_path):
+    tiny_demo.write_i2v_example(tmp_path)
+    for name in ("i2v_example.jsonl", "i2v_images/red_square.png", "i2v_images/blue_cross.png"):
+        assert (tmp_path / name).read_bytes() == (REPO / "prompts" / name).read_bytes(), name
+    rows = config.prompt_rows(config.load_config(REPO / "configs" / "wan22_ti2v.yaml"))
+    assert rows == [("a red square moving right", str(REPO / "prompts" / "i2v_images" / "red_square.png")),
+                    ("a blue cross moving down", str(REPO / "prompts" / "i2v_images" / "blue_cross.png"))]
+
+
+def test_a_ti2v_student_continues_the_image_and_beats_the_untrained_one(ti2v, ti2v_cache, tmp_path):
+    out = tmp_path / "run"
+    cfg = config.load_config(TINY, ti2v_overrides(ti2v, ti2v_cache, "data.cache_dtype=float32",
+                                                  "method.keep_full_trajectory=true", f"training.output_dir={out}",
+                                                  "training.max_steps=30", "training.eval_every=30",
+                                                  "training.checkpoint_every=30", "training.eval_samples=2",
+                                                  "training.num_workers=0", "training.ema_decay=0"))
+    run_in_process(kd.KDTrainer, cfg)
+    final = read_jsonl(out / "eval.jsonl")[-1]
+    assert final["rollout_error"] < final["rollout_error_untrained"] and final["rollout_error_teacher"] > 0
+    off = config.load_config(TINY, ti2v_overrides(ti2v, ti2v_cache, "data.cache_dtype=float32", "models.teacher=null",
+                                                  "method.keep_full_trajectory=true", "method.first_frame_given=false",
+                                                  f"training.output_dir={tmp_path / 'off'}", "training.eval_samples=2"))
+    with pytest.raises(errors.ConfigError, match="holds an image-conditioned teacher's pairs: train a student that "
+                                                 "continues their first frame"):
+        run_in_process(kd.KDTrainer, off)
 
 
 # ---------------------------------------------------------------------------------------------------------

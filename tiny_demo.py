@@ -706,6 +706,26 @@ def write_prompts(path, repeats=8, seed=0):
             f.writelines(prompts[i] + "\n" for i in torch.randperm(len(prompts), generator=g).tolist())
 
 
+I2V_EXAMPLE = [("a red square moving right", (2, 0)), ("a blue cross moving down", (0, 3))]  # prompt, start cell
+
+
+def write_i2v_example(folder):
+    """prompts/i2v_example.jsonl and its images: the format of an image-to-video prompts file, each image the
+    first frame of a tiny-world video (the shape at its start cell), 64x64 PNG."""
+    from PIL import Image
+
+    os.makedirs(os.path.join(folder, "i2v_images"), exist_ok=True)
+    rows = []
+    for prompt, start in I2V_EXAMPLE:
+        name = "i2v_images/" + "_".join(prompt.split()[1:3]) + ".png"
+        frame = shape_video(prompt, start)[:, 0]  # [3, H, W] in [-1, 1]
+        pixels = ((frame + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(os.path.join(folder, name))
+        rows.append(json.dumps({"prompt": prompt, "image": name}) + "\n")
+    with open(os.path.join(folder, "i2v_example.jsonl"), "w") as f:
+        f.writelines(rows)
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=DEMO_FOLDER, help="folder of the two demo model directories")
