@@ -165,6 +165,19 @@ def self_forcing_weights(model, dtype):
     return wan
 
 
+def mark_image_to_video(folder):
+    """Set expand_timesteps in the export's model_index.json (a new file: the old may be a hard link into the base
+    model): WanImageToVideoPipeline then gives the first frame's tokens timestep 0, as the student was trained."""
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.exists(path):  # a bare layout: pass expand_timesteps=True to from_pretrained instead
+        return
+    with open(path) as f:
+        index = json.load(f)
+    os.remove(path)
+    with open(path, "w") as f:
+        json.dump({**index, "expand_timesteps": True}, f, indent=2)
+
+
 def link_or_copy_tree(src, dst, skip):
     """Mirror `src` into `dst` with hard links (copies across file systems), leaving out top-level `skip`."""
     for root, dirs, files in os.walk(src):
@@ -233,6 +246,8 @@ def export(checkpoint, output_dir, dtype="fp32", overwrite=False, check=False, s
     model.float()
     with open(os.path.join(tmp, "student_sampling.json"), "w") as f:
         json.dump(sampling_schedule(cfg), f, indent=1)
+    if cfg.method.first_frame_given and cfg.models.student.attention == "full":
+        mark_image_to_video(tmp)
     messages = [f"exported {checkpoint} ({dtype}{', EMA weights' if ema else ''}) to {output_dir}"]
     if check:
         messages.append(verify_export(tmp, model, torch_dtype))

@@ -1433,6 +1433,10 @@ def ti2v(tmp_path_factory):
     shutil.copytree(REPO / "tiny_models" / "wan-tiny-teacher", teacher_dir)
     index = teacher_dir / "model_index.json"
     index.write_text(json.dumps({**json.loads(index.read_text()), "expand_timesteps": True}))
+    student_dir = root / "wan-tiny-ti2v-student"  # the random student's transformer with the teacher's VAE and text
+    tiny_demo.ensure_model_dir(str(REPO / "tiny_models" / "wan-tiny-student"))  # encoder, as a real pair shares
+    shutil.copytree(teacher_dir, student_dir, ignore=shutil.ignore_patterns("transformer"))
+    shutil.copytree(REPO / "tiny_models" / "wan-tiny-student" / "transformer", student_dir / "transformer")
     g = torch.Generator().manual_seed(0)
     rows = []
     for i, prompt in enumerate((REPO / "prompts" / "example.txt").read_text().splitlines()[:6]):
@@ -1518,7 +1522,7 @@ def test_bad_image_prompts_are_one_error_naming_the_sample_and_nothing_is_writte
     teacher_dir, prompts, root = ti2v
     rows = prompts.read_text().splitlines()
     folder = tmp_path / "data"
-    shutil.copytree(root, folder, ignore=shutil.ignore_patterns("wan-tiny-ti2v"))
+    shutil.copytree(root, folder, ignore=shutil.ignore_patterns("wan-tiny-ti2v*"))
     row = json.loads(rows[2])
     if damage == "no_image":
         rows[2] = json.dumps({"prompt": row["prompt"]})
@@ -1560,9 +1564,18 @@ def test_the_committed_image_to_video_example_is_tiny_worlds_first_frames_and_re
                     ("a blue cross moving down", str(REPO / "prompts" / "i2v_images" / "blue_cross.png"))]
 
 
-def test_a_ti2v_student_continues_the_image_and_beats_the_untrained_one(ti2v, ti2v_cache, tmp_path):
+I2V_SAMPLE_LINES = ('student = "exports/tiny_i2v"',
+                    'prompt, image, seed = "a red square moving right", "prompts/i2v_images/red_square.png", 0')
+
+
+def test_a_ti2v_student_continues_the_image_and_samples_in_stock_wan_image_to_video_pipeline_as_documented(
+        ti2v, ti2v_cache, tmp_path, monkeypatch):
+    import export
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     out = tmp_path / "run"
     cfg = config.load_config(TINY, ti2v_overrides(ti2v, ti2v_cache, "data.cache_dtype=float32",
+                                                  f"models.student.init_from={ti2v[2] / 'wan-tiny-ti2v-student'}",
                                                   "method.keep_full_trajectory=true", f"training.output_dir={out}",
                                                   "training.max_steps=30", "training.eval_every=30",
                                                   "training.checkpoint_every=30", "training.eval_samples=2",
@@ -1570,6 +1583,28 @@ def test_a_ti2v_student_continues_the_image_and_beats_the_untrained_one(ti2v, ti
     run_in_process(kd.KDTrainer, cfg)
     final = read_jsonl(out / "eval.jsonl")[-1]
     assert final["rollout_error"] < final["rollout_error_untrained"] and final["rollout_error_teacher"] > 0
+    # docs/i2v.md's block, with each held-out sample's prompt, image and seed, on the export
+    export.export(str(out), str(tmp_path / "student"))
+    assert json.loads((tmp_path / "student" / "model_index.json").read_text())["expand_timesteps"] is True
+    block = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "i2v.md").read_text(), re.S)[0]
+    assert all(line in block for line in I2V_SAMPLE_LINES)
+    steps, step = [], FlowMatchEulerDiscreteScheduler.step
+
+    def recorded_step(self, *args, **kwargs):
+        steps.append(step(self, *args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "step", recorded_step)
+    monkeypatch.chdir(tmp_path)
+    rows, mse = config.prompt_rows(cfg), []
+    for i in (4, 5):  # the held-out samples
+        code = block.replace(I2V_SAMPLE_LINES[0], f"student = {str(tmp_path / 'student')!r}").replace(
+            I2V_SAMPLE_LINES[1], f"prompt, image, seed = {rows[i][0]!r}, {rows[i][1]!r}, {cfg.data.seed + i}")
+        exec(compile(code, "i2v.md", "exec"), {"__name__": "i2v_doc"})
+        x0 = read_sample(cache_format.sample_path(ti2v_cache, i))[0]["latents"][-1]
+        mse.append((steps[-1][0][0, :, 1:] - x0[:, 1:]).pow(2).mean().item())  # the frames it generates
+    assert imageio_frames(tmp_path / "sample.mp4") == cfg.pipeline.num_frames
+    assert sum(mse) / 2 == pytest.approx(final["rollout_error"], rel=1e-3)
     off = config.load_config(TINY, ti2v_overrides(ti2v, ti2v_cache, "data.cache_dtype=float32", "models.teacher=null",
                                                   "method.keep_full_trajectory=true", "method.first_frame_given=false",
                                                   f"training.output_dir={tmp_path / 'off'}", "training.eval_samples=2"))
