@@ -470,7 +470,8 @@ def latent_shape(init_from, cfg):
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     vae = AutoencoderKLWan.load_config(init_from, subfolder="vae")
-    channels = WanTransformer3DModel.load_config(init_from, subfolder="transformer")["in_channels"]
+    transformer = WanTransformer3DModel.load_config(init_from, subfolder="transformer")
+    channels = transformer.get("out_channels") or transformer["in_channels"]  # an I2V model takes more than that
     t_factor, s_factor = vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8)
     p = cfg.pipeline
     if (p.num_frames - 1) % t_factor or p.height % (2 * s_factor) or p.width % (2 * s_factor):

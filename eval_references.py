@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 
 from cache_format import read_negative_embeds
-from i2v import FirstFrame, teacher_conditioning
+from config import CACHE_DTYPES
+from i2v import image_conditions
 from teacher import pad_embeds, teacher_k_step
 
 
@@ -20,20 +21,15 @@ def teacher_k_step_samples(cfg, indices, load_sample, sigmas, max_len, device):
 
 
 def teacher_inputs(cfg, indices, load_sample, max_len, device):
-    """({index: (initial noise [1, C, F, H, W], prompt [1, L, D], context or None, image or None)}, the negative
-    prompt [1, max_len, D]): what the teacher samples the eval's `indices` from; the image (i2v.FirstFrame) of a
-    teacher that continues one is the first frame of the sample's x0."""
+    """({index: (initial noise [1, C, F, H, W], prompt [1, L, D], context or None, image conditioning or None)},
+    the negative prompt [1, max_len, D]): what the teacher samples the eval's `indices` from (i2v.py encodes the
+    images of an image-conditioned teacher)."""
     negative = read_negative_embeds(cfg.method.teacher_path_cache)
-    init_from = cfg.models.teacher.init_from
-    patch = None
-    if teacher_conditioning(init_from) == "first_frame":
-        from diffusers import WanTransformer3DModel
-
-        patch = WanTransformer3DModel.load_config(init_from, subfolder="transformer")["patch_size"]
+    images = image_conditions(cfg, indices, CACHE_DTYPES[cfg.data.cache_dtype], device)
     samples = {}
     for index in indices:
-        states, x0, embeds, context = load_sample(index)
-        samples[index] = (states[:1], embeds, context, None if patch is None else FirstFrame(x0[None, :, :1], patch))
+        states, _, embeds, context = load_sample(index)
+        samples[index] = (states[:1], embeds, context, images.get(index))
     return samples, pad_embeds(negative, max_len)[None].to(device).float()
 
 

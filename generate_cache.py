@@ -27,8 +27,8 @@ from distributed import (all_gather_objects, barrier, free_device_memory, init_d
                          shutdown_distributed)
 from errors import ConfigError, run_cli
 from flow_matching import teacher_grid
-from i2v import FirstFrame, check_conditioning, image_latents, image_paths, teacher_conditioning
-from models import load_text_encoder, load_vae
+from i2v import check_conditioning, image_conditions
+from models import load_text_encoder
 from teacher import encode_prompt, load_teacher, pad_embeds, teacher_rollout
 from tiny_demo import build_missing_models
 
@@ -125,8 +125,8 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
     embeds = {i: encode_prompt(encoder, tokenizer, prompts[i], max_len, device).to(dtype) for i in indices}
     negative = encode_prompt(encoder, tokenizer, m.teacher_negative_prompt, max_len, device).to(dtype)
     del encoder, tokenizer
-    images = first_frames(cfg, indices, dtype, device)  # {index: FirstFrame} of an image-conditioned teacher
-    free_device_memory(device)  # the text encoder (and VAE) are gone before the teacher arrives
+    images = image_conditions(cfg, indices, dtype, device)  # {index: its image's conditioning} (i2v.py)
+    free_device_memory(device)  # the text and image encoders are gone before the teacher arrives
     if rank == 0 and not os.path.exists(negative_embeds_path(m.teacher_path_cache)):  # for K-step references
         write_negative_embeds(m.teacher_path_cache, negative, m.teacher_negative_prompt)
     if not indices:
@@ -183,22 +183,6 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
     bar.close()
     del model, low_noise
     free_device_memory(device)
-
-
-def first_frames(cfg, indices, dtype, device):
-    """{index: i2v.FirstFrame} of the samples `indices` for a teacher that continues a given first frame ({} for
-    a text-to-video one): each image's latent by the teacher's VAE, rounded through the cache dtype so that the
-    teacher is conditioned on exactly the first frame of x0 the student will read."""
-    init_from = cfg.models.teacher.init_from
-    if not indices or teacher_conditioning(init_from) != "first_frame":
-        return {}
-    from diffusers import WanTransformer3DModel
-
-    paths, p = image_paths(cfg), cfg.pipeline
-    vae = load_vae(init_from, device)
-    latents = image_latents(vae, {i: paths[i] for i in indices}, p.height, p.width, device)
-    patch = WanTransformer3DModel.load_config(init_from, subfolder="transformer")["patch_size"]
-    return {i: FirstFrame(latent.to(dtype).float(), patch) for i, latent in latents.items()}
 
 
 def main(argv):

@@ -5,7 +5,9 @@ A teacher directory says what it is conditioned on:
 - "first_frame": Wan2.2-TI2V-5B, whose model_index.json sets expand_timesteps. diffusers' WanImageToVideoPipeline
   replaces the first latent frame of the model's input by the image's clean latent at every step and gives its
   tokens timestep 0; the ODE steps the whole latent, and the result's first frame is the image latent again;
-- "channels": Wan2.1-I2V and Wan2.2-I2V-A14B (the image latent, with a mask, as extra input channels; not yet).
+- "channels": Wan2.1-I2V and Wan2.2-I2V-A14B: the model takes a 4-channel mask and the latent of the image
+  followed by zero frames as extra input channels, and (Wan2.1) the image's CLIP tokens; the state is the noisy
+  latent alone, and the result's first frame is the teacher's rendering of the image.
 
 The images come from data.prompts (JSONL or CSV with prompt and image columns: config.prompt_rows), prepared as
 the pipeline prepares them (diffusers' VideoProcessor: resized to pipeline.height x width, scaled to [-1, 1])
@@ -21,7 +23,7 @@ import torch
 
 from config import prompt_rows
 from errors import ConfigError, one_line
-from models import pipeline_index
+from models import load_vae, pipeline_index
 
 
 def teacher_conditioning(init_from):
@@ -62,12 +64,10 @@ def check_conditioning(cfg):
             raise ConfigError(f"data.prompts: {cfg.data.prompts} names images but the teacher {teacher.init_from} is "
                               "text-to-video (it would ignore them); use a prompts file without images")
         return
-    if kind == "channels":
-        raise ConfigError(f"models.teacher.init_from: {teacher.init_from} takes the image as input channels "
-                          "(Wan2.1-I2V, Wan2.2-I2V-A14B): not supported yet (docs/i2v.md)")
     if not cfg.method.first_frame_given:
-        raise ConfigError(f"the teacher {teacher.init_from} continues a given first frame (expand_timesteps): set "
-                          "method.first_frame_given: true")
+        how = "expand_timesteps" if kind == "first_frame" else "the image as input channels"
+        raise ConfigError(f"the teacher {teacher.init_from} continues a given image ({how}): set "
+                          "method.first_frame_given: true (the student continues the first frame of its x0)")
     image_paths(cfg)
 
 
@@ -105,37 +105,116 @@ def load_image(path, index):
         raise ConfigError(f"data.prompts: sample {index}'s image {path} is unreadable ({one_line(e)})") from None
 
 
-@torch.no_grad()
-def image_latents(vae, paths, height, width, device):
-    """{index: latent [1, C, 1, h, w] fp32} of each image: prepared as WanImageToVideoPipeline prepares it, then
-    the mode of the VAE's latent distribution, normalised as the transformer sees latents."""
+def image_conditions(cfg, indices, dtype, device):
+    """{index: FirstFrame or Channels} of the samples `indices` for an image-conditioned teacher ({} for a text
+    one), each image encoded as WanImageToVideoPipeline encodes it, then rounded through the cache dtype `dtype`
+    (so that a first frame is exactly the one the student will read)."""
+    init_from = cfg.models.teacher.init_from
+    kind = teacher_conditioning(init_from)
+    if not indices or kind == "text":
+        return {}
+    from diffusers import WanTransformer3DModel
+
+    paths, p = image_paths(cfg), cfg.pipeline
+    images = {i: load_image(paths[i], i) for i in indices}
+    vae, config = load_vae(init_from, device), WanTransformer3DModel.load_config(init_from, subfolder="transformer")
+    if kind == "first_frame":
+        return {i: FirstFrame(encoded(vae, pixels(vae, image, p), device).to(dtype).float(), config["patch_size"])
+                for i, image in images.items()}
+    clip = clip_encoder(init_from, device) if config.get("image_dim") else None
+    conditions = {}
+    for i, image in images.items():
+        first = pixels(vae, image, p)[:, :, None]  # [1, 3, 1, H, W]
+        video = torch.cat([first, first.new_zeros(1, 3, p.num_frames - 1, p.height, p.width)], dim=2)
+        latent = encoded(vae, video, device)  # [1, C, F, h, w]: the image, then what zero frames encode to
+        embeds = clip(image) if clip is not None else None
+        conditions[i] = Channels(torch.cat([first_frame_mask(latent, vae), latent], dim=1).to(dtype).float(),
+                                 None if embeds is None else embeds.to(dtype).float())
+    return conditions
+
+
+def pixels(vae, image, p):
+    """[1, 3, H, W] in [-1, 1]: the image as the pipeline prepares it (VideoProcessor.preprocess)."""
     from diffusers.video_processor import VideoProcessor
 
-    processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
+    return VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial).preprocess(image, height=p.height,
+                                                                                      width=p.width)
+
+
+@torch.no_grad()
+def encoded(vae, video, device):
+    """The normalised latent [1, C, f, h, w] fp32 of pixels [1, 3, F, H, W] (or [1, 3, H, W]: one frame): the mode
+    of the VAE's latent distribution, (z - latents_mean) / latents_std as the transformer sees latents."""
+    video = video if video.dim() == 5 else video[:, :, None]
+    z = vae.encode(video.to(device, torch.float32)).latent_dist.mode()
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean, device=device).view(shape)
     std = torch.tensor(vae.config.latents_std, device=device).view(shape)
-    latents = {}
-    for index, path in paths.items():
-        pixels = processor.preprocess(load_image(path, index), height=height, width=width)  # [1, 3, H, W]
-        z = vae.encode(pixels.to(device, torch.float32)[:, :, None]).latent_dist.mode()  # [1, C, 1, h, w]
-        latents[index] = ((z - mean) / std).float()
-    return latents
+    return ((z - mean) / std).float()
+
+
+def first_frame_mask(latent, vae):
+    """[1, T, F, h, w] (T: the VAE's temporal factor, 4): Wan I2V's mask channels, 1 where the pixel frames of
+    the given image lie (the first latent frame) and 0 elsewhere."""
+    t = vae.config.scale_factor_temporal
+    mask = torch.zeros_like(latent[:, :1]).repeat(1, t, 1, 1, 1)
+    mask[:, :, 0] = 1
+    return mask
+
+
+def clip_encoder(init_from, device):
+    """image -> [1, tokens, D] fp32: the second-to-last hidden states of the teacher's CLIP vision tower, as
+    WanImageToVideoPipeline.encode_image computes them (its processor on the image as given)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    model = CLIPVisionModel.from_pretrained(init_from, subfolder="image_encoder").to(device).eval()
+    processor = CLIPImageProcessor.from_pretrained(init_from, subfolder="image_processor")
+
+    @torch.no_grad()
+    def encode(image):
+        inputs = processor(images=image, return_tensors="pt").to(device)
+        return model(**inputs, output_hidden_states=True).hidden_states[-2].float()
+
+    return encode
 
 
 class FirstFrame:
-    """Wan2.2-TI2V's conditioning for the teacher's ODE: the model sees the first latent frame replaced by the
-    image's clean latent `latent` [B, C, 1, H, W], at timestep 0 on its tokens (diffusers' expand_timesteps)."""
+    """Wan2.2-TI2V's conditioning of the teacher's ODE: the model sees the first latent frame replaced by the
+    image's clean latent `latent` [1, C, 1, H, W], at timestep 0 on its tokens (diffusers' expand_timesteps); the
+    states are recorded as the model sees them."""
+
+    image_embeds = None
 
     def __init__(self, latent, patch_size):
         self.latent, self.patch_size = latent, patch_size
 
-    def blend(self, x):
+    def state(self, x):
         """x [B, C, F, H, W] with its first frame the image latent."""
         return torch.cat([self.latent.to(x.dtype).expand(len(x), -1, -1, -1, -1), x[:, :, 1:]], dim=2)
+
+    model_input = state
 
     def timesteps(self, x, t):
         """Per token [L]: 0 for the first frame's tokens, t for the others."""
         _, p_h, p_w = self.patch_size
         per_frame = (x.shape[3] // p_h) * (x.shape[4] // p_w)
         return torch.cat([torch.zeros(per_frame), torch.full(((x.shape[2] - 1) * per_frame,), float(t))]).to(x.device)
+
+
+class Channels:
+    """Wan2.1-I2V's and Wan2.2-I2V-A14B's conditioning: the model takes `condition` [1, T + C, F, h, w] (the mask
+    and the latent of the image followed by zero frames) as extra input channels after the noisy latent, and the
+    image's CLIP tokens `image_embeds` [1, tokens, D] if it has an image embedder (Wan2.1); the state is the
+    noisy latent alone."""
+
+    def __init__(self, condition, image_embeds):
+        self.condition, self.image_embeds = condition, image_embeds
+
+    def state(self, x):
+        return x
+
+    def model_input(self, x):
+        return torch.cat([x, self.condition.to(x.dtype).expand(len(x), -1, -1, -1, -1)], dim=1)
+
+    def timesteps(self, x, t):
+        return t

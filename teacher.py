@@ -119,15 +119,16 @@ def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidan
     negative_embeds [B, L, D] (negative unused when guidance_scale == 1); sigmas [N] descending from 1 (the
     final 0 is implied); record_steps: step indices whose pre-step state is kept; low_noise: a LowNoiseExpert
     that takes over below its boundary (Wan2.2), or None; cfg_forward: see guided_velocity; solver "euler" or
-    "unipc" with its settings (flow_matching.ode_solver); image: an image conditioning (i2v.FirstFrame) or None.
-    Returns [B, len(record_steps) + 1, C, F, H, W], as the model sees them (a given first frame in place)."""
+    "unipc" with its settings (flow_matching.ode_solver); image: the image conditioning of an image-to-video
+    teacher (i2v.FirstFrame or i2v.Channels: what the model is given and what is recorded) or None.
+    Returns [B, len(record_steps) + 1, C, F, H, W]."""
     ode = ode_solver(solver, sigmas, solver_settings)
     record = set(record_steps)
     x = noise.float()
     kept = []
 
-    def seen(x):  # what the model is given: with an image, its latent as the first frame
-        return x if image is None else image.blend(x)
+    def seen(x):  # the state recorded: with Wan2.2-TI2V's first frame, what the model is given
+        return x if image is None else image.state(x)
 
     for i in range(len(sigmas)):
         if i in record:
@@ -136,23 +137,27 @@ def teacher_rollout(model, noise, prompt_embeds, negative_embeds, sigmas, guidan
         expert, scale = model, guidance_scale
         if low_noise is not None and t < low_noise.boundary:  # diffusers' switch, on the timestep it passes
             expert, scale = low_noise.model, low_noise.guidance_scale
-        t_in = t if image is None else image.timesteps(x, t)  # per token, 0 on the image's
-        v = guided_velocity(expert, seen(x), t_in, prompt_embeds, negative_embeds, scale, cfg_forward)
+        x_in, t_in = (x, t) if image is None else (image.model_input(x), image.timesteps(x, t))
+        v = guided_velocity(expert, x_in, t_in, prompt_embeds, negative_embeds, scale, cfg_forward,
+                            None if image is None else image.image_embeds)
         x = ode.step(i, x, v)
     kept.append(seen(x))
     return torch.stack(kept, dim=1)
 
 
-def guided_velocity(model, x, timestep, prompt_embeds, negative_embeds, guidance_scale, cfg_forward):
-    """v = uncond + g * (cond - uncond) [B, C, F, H, W] fp32 at one timestep. cfg_forward "batched": cond and
+def guided_velocity(model, x, timestep, prompt_embeds, negative_embeds, guidance_scale, cfg_forward,
+                    image_embeds=None):
+    """v = uncond + g * (cond - uncond) [B, C, F, H, W] fp32 at one timestep (a number, or one per token [L]);
+    image_embeds [1, tokens, D]: an I2V teacher's CLIP tokens, the same for both. cfg_forward "batched": cond and
     uncond as one forward of batch 2B; "separate": two forwards of batch B (half the activation memory). The
     two agree to rounding (method.teacher_cfg_forward)."""
 
-    def velocity(x_in, context):  # timestep: one number, or one per token [L]
-        t = (timestep.expand(x_in.shape[0], -1) if torch.is_tensor(timestep)
-             else torch.full((x_in.shape[0],), timestep, device=x.device))
+    def velocity(x_in, context):
+        b = x_in.shape[0]
+        t = timestep.expand(b, -1) if torch.is_tensor(timestep) else torch.full((b,), timestep, device=x.device)
+        image = {} if image_embeds is None else {"encoder_hidden_states_image": image_embeds.expand(b, -1, -1)}
         with autocast(x.device):
-            return model(x_in, t, context, return_dict=False)[0].float()
+            return model(x_in, t, context, return_dict=False, **image)[0].float()
 
     if guidance_scale == 1:
         return velocity(x, prompt_embeds)

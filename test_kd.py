@@ -1497,6 +1497,55 @@ def test_a_ti2v_teachers_cache_is_wan_image_to_video_pipelines_own_trajectory_st
     assert (latents[:, :, :1] == latents[-1:, :, :1]).all()  # every state's first frame: the image latent
 
 
+@pytest.mark.parametrize("name", ["wan-tiny-i2v-teacher", "wan-tiny-i2v-moe-teacher"])
+def test_an_i2v_teachers_cache_is_wan_image_to_video_pipelines_own_trajectory_and_a_student_continues_it(
+        ti2v, tmp_path, name):
+    """Wan2.1-I2V's layout (36 input channels: the noisy latent, a mask, the latent of the image then zero frames;
+    CLIP image tokens) and Wan2.2-I2V-A14B's (two such experts, no CLIP), state for state as diffusers runs them;
+    the student continues the first frame of its x0."""
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    i2v_teacher = tiny_demo.ensure_model_dir(str(REPO / "tiny_models" / name))
+    cache, root = tmp_path / "cache", ti2v[2]
+    overrides = ti2v_overrides(ti2v, cache, f"models.teacher.init_from={i2v_teacher}", "data.cache_dtype=float32",
+                               "method.keep_full_trajectory=true", "data.num_samples=4")
+    cfg = config.load_config(TINY, overrides)
+    generate_cache.generate_cache(cfg)
+    meta = json.loads((cache / "metadata.json").read_text())
+    assert meta["conditioning"]["kind"] == "channels" and meta["latent_shape"][0] == 16
+    assert meta["teacher_experts"] == (["transformer", "transformer_2"] if "moe" in name else ["transformer"])
+    pipe = WanImageToVideoPipeline.from_pretrained(i2v_teacher)
+    pipe.set_progress_bar_config(disable=True)
+    assert (pipe.image_encoder is None) == ("moe" in name)
+    pipe.scheduler = FlowMatchEulerOnGrid(48)
+    cached = read_sample(cache_format.sample_path(cache, 2))[0]
+    negative = read_sample(cache_format.negative_embeds_path(cache))[0]["prompt_embeds"]
+    states = []
+
+    def keep(pipe, i, t, tensors):
+        states.append(tensors["latents"].clone())
+        return {}
+
+    noise = generate_cache.initial_noise(meta["latent_shape"], cfg.data.seed + 2)
+    length = cfg.pipeline.max_sequence_length
+    pipe(image=Image.open(root / "image_2.png"), latents=noise.clone(),
+         prompt_embeds=teacher.pad_embeds(cached["prompt_embeds"], length)[None],
+         negative_prompt_embeds=teacher.pad_embeds(negative, length)[None],
+         num_inference_steps=48, num_frames=cfg.pipeline.num_frames, height=64, width=64,
+         guidance_scale=cfg.method.teacher_guidance_scale, output_type="latent", callback_on_step_end=keep)
+    expected = torch.cat([noise[:, None], torch.stack(states, dim=1)], dim=1)[0]  # [49, C, F, H, W]
+    assert (cached["latents"] - expected).abs().max() < 1e-4
+    if "moe" in name:
+        return
+    out = tmp_path / "run"
+    run_in_process(kd.KDTrainer, config.load_config(TINY, overrides + [
+        f"training.output_dir={out}", "training.max_steps=20", "training.eval_every=20", "training.eval_samples=2",
+        "training.checkpoint_every=20", "training.num_workers=0", "training.ema_decay=0"]))
+    final = read_jsonl(out / "eval.jsonl")[-1]  # the teacher's own K steps: with the images, as it generated
+    assert final["rollout_error"] < final["rollout_error_untrained"] and final["rollout_error_teacher"] > 0
+
+
 class FlowMatchEulerOnGrid:
     """diffusers' FlowMatchEulerDiscreteScheduler, shift 5, asked for our grid of `steps` steps."""
 
@@ -1515,7 +1564,7 @@ class FlowMatchEulerOnGrid:
     ("unreadable", r"data.prompts: sample 2's image .*image_2.png is unreadable"),
     ("not_json", r"data.prompts: .*prompts.jsonl line 3 is not JSON"),
     ("unknown_field", r"data.prompts: .*prompts.jsonl line 3: unknown field\(s\) \['images'\]"),
-    ("first_frame_off", r"continues a given first frame \(expand_timesteps\): set method.first_frame_given: true"),
+    ("first_frame_off", r"continues a given image \(expand_timesteps\): set method.first_frame_given: true"),
 ])
 def test_bad_image_prompts_are_one_error_naming_the_sample_and_nothing_is_written(ti2v, tmp_path, damage,
                                                                                   message):

@@ -115,6 +115,12 @@ TWO_EXPERT_MODELS = {  # offline random two-expert pipelines (Wan2.2 A14B's layo
     "wan-tiny-moe-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=4, seed_2=5,
                                  boundary_ratio=0.875),
 }
+I2V_MODELS = {  # offline random image-to-video pipelines (Wan2.1-I2V's layout: 36 input channels, CLIP tokens)
+    "wan-tiny-i2v-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=6),
+    # Wan2.2-I2V-A14B's layout: two experts (transformer_2 from seed_2, boundary 0.9), 36 channels, no CLIP
+    "wan-tiny-i2v-moe-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=7, clip=False, seed_2=8,
+                                     boundary_ratio=0.9),
+}
 RANDOM_TINY_SETTINGS = [  # overrides for the random models (configs/tiny.yaml is tuned for the demo models)
     "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
     "pipeline.num_frames=21",  # 6 latent frames: room for causal blocks and a partial last one
@@ -195,6 +201,38 @@ def make_random_two_expert_wan(path, boundary_ratio, seed_2, **first):
     WanPipeline(**components, boundary_ratio=boundary_ratio).save_pretrained(path)
 
 
+def make_random_i2v_wan(path, layers, heads, head_dim, ffn_dim, seed, clip=True, seed_2=None, boundary_ratio=None):
+    """A random image-to-video Wan directory as diffusers saves Wan2.1-I2V-14B (a transformer taking 36 channels:
+    the noisy latent, a 4-channel mask, the image's latent; CLIP image tokens from a tiny CLIPVisionModel and its
+    CLIPImageProcessor) or, with seed_2 and boundary_ratio and no clip, Wan2.2-I2V-A14B (two such experts, no
+    CLIP); make_random_wan's UMT5, tokenizer, VAE and scheduler."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    make_random_wan(path, layers, heads, head_dim, ffn_dim, seed)
+    components = WanPipeline.from_pretrained(path).components
+    torch.manual_seed(seed + 100)
+    image = dict(image_dim=32, added_kv_proj_dim=heads * head_dim) if clip else {}
+
+    def transformer():
+        return WanTransformer3DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=36,
+                                     out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=ffn_dim,
+                                     num_layers=layers, rope_max_seq_len=64, **image)
+
+    components["transformer"] = transformer()
+    if clip:
+        components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+            patch_size=8))
+        components["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32},
+                                                           crop_size={"height": 32, "width": 32})
+    if seed_2 is not None:
+        torch.manual_seed(seed_2)
+        components["transformer_2"] = transformer()
+    shutil.rmtree(path)
+    WanImageToVideoPipeline(**components, boundary_ratio=boundary_ratio).save_pretrained(path)
+
+
 def random_tiny_overrides(cache_dir):
     """configs/tiny.yaml overrides for the random tiny teacher and student (absolute paths), the example
     prompts and the cache `cache_dir`: the setting of the tests and faults.py."""
@@ -227,7 +265,7 @@ def ensure_model_dir(init_from):
             raise ConfigError(f"{init_from}: {problem}; restore it with `git checkout -- {folder}` or rebuild "
                               f"it with `python tiny_demo.py --rebuild --out {folder}`")
         return init_from
-    if name not in RANDOM_MODELS and name not in TWO_EXPERT_MODELS or os.path.exists(init_from):
+    if name not in {**RANDOM_MODELS, **TWO_EXPERT_MODELS, **I2V_MODELS} or os.path.exists(init_from):
         return init_from
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.lock"), "w") as lock:
@@ -237,6 +275,8 @@ def ensure_model_dir(init_from):
             shutil.rmtree(tmp, ignore_errors=True)
             if name in TWO_EXPERT_MODELS:
                 make_random_two_expert_wan(tmp, **TWO_EXPERT_MODELS[name])
+            elif name in I2V_MODELS:
+                make_random_i2v_wan(tmp, **I2V_MODELS[name])
             else:
                 make_random_wan(tmp, **RANDOM_MODELS[name])
             os.rename(tmp, init_from)
