@@ -1,7 +1,8 @@
 """The trajectory cache on disk, shared by its writer (generate_cache.py) and its reader (kd.py's dataset).
 
     <cache>/samples/{index:08d}.safetensors  latents [K+1, C, F, H, W]: the recorded states, then x0;
-                                             timesteps [K+1] fp32, 0 last; prompt_embeds [L, D] (real tokens)
+                                             timesteps [K+1] fp32, 0 last; prompt_embeds [L, D] (real tokens);
+                                             an image-channel teacher's condition and image_embeds (i2v.py)
     <cache>/negative_prompt_embeds.safetensors  prompt_embeds [L, D] of the CFG negative prompt
     <cache>/metadata.json                    the fingerprint: what the cache was made from
     <cache>/COMPLETE                         written once every sample exists
@@ -230,13 +231,21 @@ def negative_embeds_problem(cache_dir):
     return None
 
 
+def image_tensors(fingerprint):
+    """The I2V inputs a sample file of this cache holds: an image-channel teacher's condition and CLIP tokens."""
+    image = fingerprint.get("conditioning")
+    if not isinstance(image, dict) or image["kind"] != "channels":
+        return ()
+    return ("condition", "image_embeds") if image["clip"] else ("condition",)
+
+
 def sample_file_problem(path, fingerprint, index):
     """Why the cached sample at `path` is unusable, or None if its header and shapes match the fingerprint."""
     k1 = len(fingerprint["timesteps"]) + bool(fingerprint.get("causal_ode"))  # causal: + the context latent
     try:
         with safe_open(path, framework="pt") as f:
             keys = set(f.keys())
-            if keys != {"latents", "timesteps", "prompt_embeds"}:
+            if keys != {"latents", "timesteps", "prompt_embeds", *image_tensors(fingerprint)}:
                 return f"tensors {sorted(keys)}"
             meta = f.metadata() or {}
             if meta.get("index") != str(index):
@@ -257,8 +266,9 @@ def sample_file_problem(path, fingerprint, index):
                 return "latents fail their CRC32 checksums"
             if crc32(f.get_tensor("timesteps")) != int(meta["crc32_timesteps"]):
                 return "timesteps fail their CRC32 checksum"
-            if crc32(f.get_tensor("prompt_embeds")) != int(meta["crc32_prompt_embeds"]):
-                return "prompt_embeds fail their CRC32 checksum"
+            for name in ("prompt_embeds", *image_tensors(fingerprint)):
+                if crc32(f.get_tensor(name)) != int(meta[f"crc32_{name}"]):
+                    return f"{name} fail their CRC32 checksum"
     except CacheError as e:
         return str(e)
     except Exception as e:  # safetensors raises several types for truncated or garbled files
@@ -289,10 +299,11 @@ def open_cache(cfg):
     return meta
 
 
-def write_sample(path, latents, timesteps, prompt_embeds, info):
-    """One sample file; its metadata is `info` plus the CRC32 checksums the dataset verifies."""
+def write_sample(path, latents, timesteps, prompt_embeds, info, image=None):
+    """One sample file; its metadata is `info` plus the CRC32 checksums the dataset verifies. image: an I2V
+    teacher's per-sample inputs ({"condition": [T + C, F, H, W], "image_embeds": [tokens, D]}), stored too."""
     tensors = {"latents": latents.contiguous(), "timesteps": timesteps,
-               "prompt_embeds": prompt_embeds.contiguous()}
+               "prompt_embeds": prompt_embeds.contiguous(), **{k: v.contiguous() for k, v in (image or {}).items()}}
     metadata = checksummed_metadata(tensors, info)
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 

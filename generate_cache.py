@@ -27,7 +27,7 @@ from distributed import (all_gather_objects, barrier, free_device_memory, init_d
                          shutdown_distributed)
 from errors import ConfigError, run_cli
 from flow_matching import teacher_grid
-from i2v import check_conditioning, image_conditions
+from i2v import check_conditioning, image_conditions, stored
 from models import load_text_encoder
 from teacher import encode_prompt, load_teacher, pad_embeds, teacher_rollout
 from tiny_demo import build_missing_models
@@ -172,7 +172,8 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
             raise FloatingPointError(f"the teacher's trajectory for sample {i} (prompt {prompts[i]!r}) is "
                                      "not finite; nothing was written for it")
         write_sample(sample_path(cache_dir, i), states[0].to(dtype).cpu(), timesteps, embeds[i],
-                     {"prompt": prompts[i], "seed": seed, "index": i, "format_version": CACHE_FORMAT_VERSION})
+                     {"prompt": prompts[i], "seed": seed, "index": i, "format_version": CACHE_FORMAT_VERSION},
+                     {k: v.to(dtype).cpu() for k, v in stored(images.get(i)).items()})
         # The bar counts every rank's files, so it shows the global rate and ETA: a few stats per sample on
         # rank 0, even for a huge cache on a network file system.
         if rank == 0:

@@ -49,7 +49,14 @@ def conditioning(cfg):
     for path in image_paths(cfg):
         with open(path, "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())
-    return {"kind": kind, "images_sha256": digest.hexdigest()}
+    fingerprint = {"kind": kind, "images_sha256": digest.hexdigest()}
+    if kind == "channels":  # its samples also hold the condition channels and (clip) the CLIP tokens
+        from diffusers import WanTransformer3DModel
+
+        config = WanTransformer3DModel.load_config(cfg.models.teacher.init_from, subfolder="transformer")
+        fingerprint.update(clip=config.get("image_dim") is not None,
+                           condition_channels=config["in_channels"] - config["out_channels"])
+    return fingerprint
 
 
 def check_conditioning(cfg):
@@ -64,6 +71,8 @@ def check_conditioning(cfg):
             raise ConfigError(f"data.prompts: {cfg.data.prompts} names images but the teacher {teacher.init_from} is "
                               "text-to-video (it would ignore them); use a prompts file without images")
         return
+    if kind == "channels" and teacher_conditioning(cfg.models.student.init_from) == "channels":
+        return image_paths(cfg)  # a student of the same I2V architecture: the image's channels are its input
     if not cfg.method.first_frame_given:
         how = "expand_timesteps" if kind == "first_frame" else "the image as input channels"
         raise ConfigError(f"the teacher {teacher.init_from} continues a given image ({how}): set "
@@ -201,6 +210,28 @@ class FirstFrame:
         return torch.cat([torch.zeros(per_frame), torch.full(((x.shape[2] - 1) * per_frame,), float(t))]).to(x.device)
 
 
+IMAGE_TENSORS = ("condition", "image_embeds")  # what a sample file of an image-channel teacher also holds
+
+
+def stored(image):
+    """What a sample file keeps of an image conditioning for the student: an image-channel teacher's condition
+    [T + C, F, h, w] and CLIP tokens [tokens, D] (FirstFrame: nothing, x0's first frame is the image latent)."""
+    if not isinstance(image, Channels):
+        return {}
+    return {"condition": image.condition[0], **({} if image.image_embeds is None
+                                                else {"image_embeds": image.image_embeds[0]})}
+
+
+def student_channels(item, device):
+    """The Channels conditioning of a dataset item or batch of an image-channel teacher's cache, else None."""
+    if "condition" not in item:
+        return None
+    condition, embeds = item["condition"], item.get("image_embeds")
+    condition = condition if condition.dim() == 5 else condition[None]  # [B, T + C, F, h, w]
+    embeds = None if embeds is None else (embeds if embeds.dim() == 3 else embeds[None]).to(device).float()
+    return Channels(condition.to(device).float(), embeds)
+
+
 class Channels:
     """Wan2.1-I2V's and Wan2.2-I2V-A14B's conditioning: the model takes `condition` [1, T + C, F, h, w] (the mask
     and the latent of the image followed by zero frames) as extra input channels after the noisy latent, and the
@@ -214,7 +245,9 @@ class Channels:
         return x
 
     def model_input(self, x):
-        return torch.cat([x, self.condition.to(x.dtype).expand(len(x), -1, -1, -1, -1)], dim=1)
+        """x [B, C, f, H, W] (the first f frames of the video) with the condition's channels of those frames."""
+        condition = self.condition[:, :, : x.shape[2]].to(x.dtype)
+        return torch.cat([x, condition.expand(len(x), -1, -1, -1, -1)], dim=1)
 
     def timesteps(self, x, t):
         return t

@@ -43,6 +43,7 @@ from eval_references import rollout_error, teacher_k_step_samples
 from errors import CacheError, ConfigError, run_cli
 from flow_matching import add_noise, conditioning_timesteps, teacher_grid, x0_from_velocity
 from generate_cache import generate_cache
+from i2v import IMAGE_TENSORS, student_channels, teacher_conditioning
 from models import compute_dtype, has_vae, load_transformer, load_vae
 from previews import write_previews
 from run_logs import append_jsonl, eval_line, read_references, reference_path, trim_logs
@@ -59,7 +60,8 @@ class TrajectoryDataset(torch.utils.data.Dataset):
 
     Returns x_t [C, F, H, W] (each frame from the state of its own entry; entry K is the clean x0), x0
     [C, F, H, W] and the prompt embeddings zero-padded to the length the teacher saw [max_len, D], all in the
-    cache dtype; from a causal ODE cache also the clean context [C, F, H, W] its AR teacher saw.
+    cache dtype; from a causal ODE cache also the clean context [C, F, H, W] its AR teacher saw, and from an
+    image-channel teacher's cache the condition [T + C, F, H, W] and CLIP tokens [tokens, D] it saw (i2v.py).
     """
 
     def __init__(self, cache_dir, positions, max_len, context=False):
@@ -70,14 +72,14 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         """The item of (sample index, per-frame step indices [F]); each slice read is checked (CacheError)."""
         index, steps = key
         path = sample_path(self.cache_dir, index)
-        x_t, x0, embeds, *context = read_verified(path, lambda f, metadata: self.read_states(f, metadata, steps,
-                                                                                             path), "cached sample")
+        x_t, x0, embeds, extra = read_verified(path, lambda f, metadata: self.read_states(f, metadata, steps,
+                                                                                          path), "cached sample")
         return {"x_t": x_t, "x0": x0, "prompt_embeds": pad_embeds(embeds, self.max_len),
-                "steps": torch.tensor(steps), "index": index, **({"context": context[0]} if context else {})}
+                "steps": torch.tensor(steps), "index": index, **extra}
 
     def read_states(self, f, metadata, steps, path):
-        """(x_t [C, F, H, W], x0 [C, F, H, W], prompt embeddings [L, D], and the context [C, F, H, W] of a causal
-        ODE cache) from the open file f, each read checked against its CRC32."""
+        """(x_t [C, F, H, W], x0 [C, F, H, W], prompt embeddings [L, D], {the context, the I2V inputs the file
+        holds}) from the open file f, each read checked against its CRC32."""
         crcs = json.loads(metadata["crc32_latents"])  # [K+1][F]
         latents = f.get_slice("latents")  # [K+1, C, F, H, W] on disk
         runs, start = [], 0
@@ -88,15 +90,14 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         x_t = torch.cat(runs, dim=1)  # [C, F, H, W]
         kept = [self.positions[-1]] + [len(crcs) - 1] * self.context  # x0, and a causal ODE cache's context last
         x0, *context = (latents[k] for k in kept)  # [C, F, H, W] each
-        embeds = verified_tensor(f.get_tensor("prompt_embeds"), metadata["crc32_prompt_embeds"], path,
-                                 "prompt_embeds")
-        verified_tensor(f.get_tensor("timesteps"), metadata["crc32_timesteps"], path, "timesteps")
+        embeds, _, *image = (verified_tensor(f.get_tensor(name), metadata[f"crc32_{name}"], path, name)
+                             for name in ("prompt_embeds", "timesteps", *IMAGE_TENSORS) if name in f.keys())
         for frame, step in enumerate(steps):
             state = self.positions[step]
             verified_tensor(x_t[:, frame], crcs[state][frame], path, f"latents[{state}, :, {frame}]")
             for k, tensor in zip(kept, [x0, *context]):
                 verified_tensor(tensor[:, frame], crcs[k][frame], path, f"latents[{k}, :, {frame}]")
-        return x_t, x0, embeds, *context
+        return x_t, x0, embeds, {**({"context": context[0]} if context else {}), **dict(zip(IMAGE_TENSORS, image))}
 
     def __getitems__(self, keys):
         """A DataLoader batch; a CacheError comes back as data, [{"error": message}], so that the training
@@ -198,16 +199,20 @@ def shard_student(model, attention, frames_per_block, gradient_checkpointing, de
     return model.to(device)
 
 
-def student_velocity(model, x_t, t_frames, uniform, prompt_embeds, context=None):
+def student_velocity(model, x_t, t_frames, uniform, prompt_embeds, context=None, image=None):
     """v [B, C, F, H, W] fp32 for inputs x_t [B, C, F, H, W] at per-frame timesteps t_frames [B, F] (fp32);
     with a clean `context` [B, C, F, H, W], each block of x_t sees the context's earlier blocks (teacher
-    forcing, causal ODE)."""
-    dtype = compute_dtype(x_t.device)
+    forcing, causal ODE); `image`: an I2V student's input channels and CLIP tokens (i2v.Channels)."""
+    dtype, extra = compute_dtype(x_t.device), {}
     if context is not None:
         x_t, t_frames = torch.cat([context, x_t], dim=2), torch.cat([torch.zeros_like(t_frames), t_frames], dim=1)
+        extra["teacher_forcing"] = True
+    if image is not None:
+        x_t = image.model_input(x_t)
+        if image.image_embeds is not None:
+            extra["encoder_hidden_states_image"] = image.image_embeds.expand(len(x_t), -1, -1).to(dtype)
     timestep = t_frames[:, 0] if uniform and context is None else t_frames  # [B], or [B, F] per frame
-    return model(x_t.to(dtype), timestep.float(), prompt_embeds.to(dtype), return_dict=False,
-                 **({"teacher_forcing": True} if context is not None else {}))[0].float()
+    return model(x_t.to(dtype), timestep.float(), prompt_embeds.to(dtype), return_dict=False, **extra)[0].float()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,11 +224,11 @@ def x0_prediction(x_t, v, sigma_frames):
     return x0_from_velocity(x_t, v, sigma_frames[:, None, :, None, None])
 
 
-def kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, uniform, prompt_embeds, context=None):
+def kd_frame_losses(model, x_t, x0, t_frames, sigma_frames, uniform, prompt_embeds, context=None, image=None):
     """MSE(x0_pred, x0_teacher) per frame [B, F], fp32; its mean over the noisy frames is the loss, on the scale of
     Self-Forcing's and Causal Forcing's F.mse_loss (a clean frame, sigma 0, is its own x0 prediction: it is
     context for the others, and carries no loss)."""
-    v = student_velocity(model, x_t, t_frames, uniform, prompt_embeds, context)
+    v = student_velocity(model, x_t, t_frames, uniform, prompt_embeds, context, image)
     return (x0_prediction(x_t, v, sigma_frames) - x0).pow(2).mean(dim=(1, 3, 4))
 
 
@@ -318,7 +323,9 @@ class KDTrainer:
         if self.clean_data and not self.trains_on_clean_data:
             raise ConfigError(f"{cache} holds clean latents only (latent_data.py), no teacher trajectories: train "
                               "an AR teacher on it (ar_diffusion.py) or name it as method.context_cache")
-        if isinstance(self.meta.get("conditioning"), dict) and not self.cfg.method.first_frame_given:
+        image = self.meta.get("conditioning")  # a student of an image-channel teacher's architecture takes its inputs
+        self.takes_image = teacher_conditioning(self.cfg.models.student.init_from) == "channels"
+        if isinstance(image, dict) and not self.cfg.method.first_frame_given and not self.takes_image:
             raise ConfigError(f"{cache} holds an image-conditioned teacher's pairs: train a student that continues "
                               "their first frame (method.first_frame_given: true)")
         if bool(self.meta.get("causal_ode")) != self.causal_ode:
@@ -357,9 +364,11 @@ class KDTrainer:
         """The FSDP2 student, fused AdamW, the LR schedule and the weights' EMA if asked for."""
         t = self.cfg.training
         self.model = build_student(self.cfg, self.device)
-        if self.model.config.in_channels != self.meta["latent_shape"][0]:
-            raise ConfigError(f"the student takes {self.model.config.in_channels} latent channels, the cache "
-                              f"holds {self.meta['latent_shape'][0]}")
+        latent, image = self.meta["latent_shape"][0], self.meta.get("conditioning")
+        extra = image.get("condition_channels", 0) if isinstance(image, dict) else 0  # an I2V teacher's inputs
+        if self.model.config.in_channels not in (latent, latent + extra):
+            raise ConfigError(f"the student takes {self.model.config.in_channels} input channels, the cache holds "
+                              f"{latent} latent channels" + (f" ({latent + extra} with its images')" if extra else ""))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas),
                                            weight_decay=t.weight_decay, eps=t.eps, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
@@ -450,8 +459,8 @@ class KDTrainer:
             return torch.cat([values.new_zeros(K, g), values[:K, None].expand(K, frames - g)], dim=1)
 
         return kd_frame_losses(self.model, states, x0[None], per_frame(self.t_values), per_frame(self.sigmas), g == 0,
-                               embeds.expand(K, -1, -1),
-                               None if context is None else context.expand(K, -1, -1, -1, -1))[:, g:]
+                               embeds.expand(K, -1, -1), None if context is None else context.expand(K, -1, -1, -1, -1),
+                               self.sample_image(index))[:, g:]
 
     def rollout_names(self):
         """The eval's rollout errors, in rollout_errors' order."""
@@ -468,14 +477,20 @@ class KDTrainer:
         and, for block-causal students, of its streaming sampling (fresh noise seeded by the sample); with
         method.first_frame_given both continue the first frame of the teacher's x0 [C, F, H, W]."""
         first = x0[None, :, :1] if self.cfg.method.first_frame_given else None  # [1, C, 1, H, W]
-        rest = noise[:, :, 0 if first is None else 1 :]
-        one_pass = sample_frames(self.model, rest, embeds, self.t_values, self.sigmas, first)
+        rest, image = noise[:, :, 0 if first is None else 1 :], self.sample_image(index)
+        one_pass = sample_frames(self.model, rest, embeds, self.t_values, self.sigmas, first, image=image)
         samples = [one_pass[0] if first is None else torch.cat([first, one_pass], dim=2)[0]]
         if self.streaming:
             seed = stable_seed(self.cfg.training.seed, "streaming", index)
             samples.append(streaming_sample(self.model, noise, embeds, self.t_values, self.sigmas,
-                                            self.cfg.method.num_frames_per_block, seed, first)[0])
+                                            self.cfg.method.num_frames_per_block, seed, first, image)[0])
         return samples
+
+    def sample_image(self, index):
+        """An I2V student's input channels and CLIP tokens for sample `index` (i2v.Channels), else None."""
+        if not self.takes_image:
+            return None
+        return student_channels(self.dataset[(index, (0,) * self.meta["latent_shape"][1])], self.device)
 
     @torch.no_grad()
     def write_eval_previews(self):
@@ -578,7 +593,7 @@ class KDTrainer:
         uniform = bool((batch["steps"] == batch["steps"][:, :1]).all())  # on the CPU copy: no device sync
         context = batch["context"].to(self.device).float() if self.causal_ode else None
         return kd_frame_losses(self.model, x_t, x0, self.t_values[steps], self.sigmas[steps], uniform, embeds,
-                               context), steps
+                               context, student_channels(batch, self.device) if self.takes_image else None), steps
 
     def check_finite(self):
         """Stop if a step so far had a non-finite loss or gradient norm, before its weights are saved or used.
@@ -648,20 +663,20 @@ class KDTrainer:
 # Sampling with the student: as the eval and the previews judge it, and as it will be used
 
 
-def sample_frames(model, x, embeds, t_values, sigmas, context=None, generator=None):
+def sample_frames(model, x, embeds, t_values, sigmas, context=None, generator=None, image=None):
     """x0 [1, C, f, H, W] of the student's K-step sampling of frames x [1, C, f, H, W], from entry 0's noise
     level, after the clean frames `context` [1, C, c, H, W] fed at timestep 0 (block-causal students).
 
     At entry k the student predicts x0, which is re-noised to entry k + 1's sigma: with fresh noise from
     `generator` (Self-Forcing's sampling), or without one with the noise the prediction implies, which makes
     the step Euler's deterministic ODE step, as diffusers' FlowMatchEulerDiscreteScheduler takes it.
-    t_values, sigmas: [K + 1] per t_list entry, as KDTrainer holds them.
+    t_values, sigmas: [K + 1] per t_list entry, as KDTrainer holds them; image: an I2V student's input channels.
     """
     context = x[:, :, :0] if context is None else context
     c = context.shape[2]
     for k in range(len(t_values) - 1):
         t = torch.cat([t_values.new_zeros(c), t_values[k].expand(x.shape[2])])[None]  # [1, c + f]
-        v = student_velocity(model, torch.cat([context, x], dim=2), t, c == 0, embeds)[:, :, c:]
+        v = student_velocity(model, torch.cat([context, x], dim=2), t, c == 0, embeds, image=image)[:, :, c:]
         x0 = x0_from_velocity(x, v, sigmas[k])
         if k + 2 < len(t_values):
             eps = ((x - (1 - sigmas[k]) * x0) / sigmas[k] if generator is None
@@ -670,7 +685,7 @@ def sample_frames(model, x, embeds, t_values, sigmas, context=None, generator=No
     return x0
 
 
-def streaming_sample(model, noise, embeds, t_values, sigmas, frames_per_block, seed=None, first=None):
+def streaming_sample(model, noise, embeds, t_values, sigmas, frames_per_block, seed=None, first=None, image=None):
     """x0 [1, C, F, H, W] generated block by block as Self-Forcing's causal inference does: each block from its
     own initial noise in `noise` [1, C, F, H, W] through the K steps, re-noised with fresh noise seeded by
     (seed, block) (seed None: the deterministic Euler steps), attending to the clean x0 of the blocks before
@@ -681,7 +696,7 @@ def streaming_sample(model, noise, embeds, t_values, sigmas, frames_per_block, s
     for start in range(done.shape[2], noise.shape[2], frames_per_block):
         generator = None if seed is None else torch.Generator(noise.device).manual_seed(stable_seed(seed, start))
         block = sample_frames(model, noise[:, :, start : start + frames_per_block], embeds, t_values, sigmas, done,
-                              generator)
+                              generator, image)
         done = torch.cat([done, block], dim=2)
     return done
 

@@ -1546,6 +1546,45 @@ def test_an_i2v_teachers_cache_is_wan_image_to_video_pipelines_own_trajectory_an
     assert final["rollout_error"] < final["rollout_error_untrained"] and final["rollout_error_teacher"] > 0
 
 
+def test_an_i2v_student_of_its_teachers_architecture_takes_the_stored_image_inputs_and_samples_as_documented(
+        ti2v, tmp_path, monkeypatch):
+    """I2V-14B -> I2V-14B: the cache keeps each sample's condition channels and CLIP tokens, checksummed; the
+    36-channel student trains on them, and its export samples in stock WanImageToVideoPipeline as docs/i2v.md
+    prints it, reproducing the eval's rollout error."""
+    import export
+    from diffusers import WanTransformer3DModel
+
+    teacher_dir = tiny_demo.ensure_model_dir(str(REPO / "tiny_models" / "wan-tiny-i2v-teacher"))
+    student_dir = tmp_path / "student_base"  # the teacher's architecture and encoders, its own random weights
+    shutil.copytree(teacher_dir, student_dir, ignore=shutil.ignore_patterns("transformer"))
+    torch.manual_seed(11)
+    WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(teacher_dir, subfolder="transformer")
+                                      ).save_pretrained(student_dir / "transformer")
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    cfg = config.load_config(TINY, ti2v_overrides(
+        ti2v, cache, f"models.teacher.init_from={teacher_dir}", f"models.student.init_from={student_dir}",
+        "method.first_frame_given=false", "data.cache_dtype=float32", f"training.output_dir={out}",
+        "training.max_steps=30", "training.eval_every=30", "training.checkpoint_every=30", "training.eval_samples=2",
+        "training.num_workers=0", "training.ema_decay=0"))
+    run_in_process(kd.KDTrainer, cfg)  # generates the cache first
+    tensors, _ = read_sample(cache_format.sample_path(cache, 1))
+    assert tensors["condition"].shape == (20, 6, 8, 8) and tensors["image_embeds"].shape == (17, 32)
+    assert (tensors["condition"][:4, 0] == 1).all() and (tensors["condition"][:4, 1:] == 0).all()  # the mask
+    final = read_jsonl(out / "eval.jsonl")[-1]
+    assert final["rollout_error"] < final["rollout_error_untrained"] and final["rollout_error_teacher"] > 0
+    export.export(str(out), str(tmp_path / "student"))
+    mse = documented_i2v_sampling(tmp_path / "student", cfg, cache, (4, 5), 0, tmp_path, monkeypatch)
+    assert sum(mse) / 2 == pytest.approx(final["rollout_error"], rel=1e-3)
+    damaged = cache_format.sample_path(cache, 1)  # a flipped CLIP token is refused naming the file, then redone
+    data, metadata = read_sample(damaged)
+    data["image_embeds"][0, 0] += 1
+    save_file(data, damaged, metadata=metadata)
+    assert "image_embeds fail their CRC32 checksum" in cache_format.sample_file_problem(
+        str(damaged), json.loads((cache / "metadata.json").read_text()), 1)
+    generate_cache.generate_cache(cfg)
+    assert torch.equal(read_sample(damaged)[0]["image_embeds"], tensors["image_embeds"])
+
+
 class FlowMatchEulerOnGrid:
     """diffusers' FlowMatchEulerDiscreteScheduler, shift 5, asked for our grid of `steps` steps."""
 
@@ -1617,24 +1656,11 @@ I2V_SAMPLE_LINES = ('student = "exports/tiny_i2v"',
                     'prompt, image, seed = "a red square moving right", "prompts/i2v_images/red_square.png", 0')
 
 
-def test_a_ti2v_student_continues_the_image_and_samples_in_stock_wan_image_to_video_pipeline_as_documented(
-        ti2v, ti2v_cache, tmp_path, monkeypatch):
-    import export
+def documented_i2v_sampling(student, cfg, cache, indices, first, tmp_path, monkeypatch):
+    """[MSE against the cached x0, over frames first..] of docs/i2v.md's block run on the export `student` with
+    each sample's prompt, image and seed (the x0 the stock scheduler's last step returns)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    out = tmp_path / "run"
-    cfg = config.load_config(TINY, ti2v_overrides(ti2v, ti2v_cache, "data.cache_dtype=float32",
-                                                  f"models.student.init_from={ti2v[2] / 'wan-tiny-ti2v-student'}",
-                                                  "method.keep_full_trajectory=true", f"training.output_dir={out}",
-                                                  "training.max_steps=30", "training.eval_every=30",
-                                                  "training.checkpoint_every=30", "training.eval_samples=2",
-                                                  "training.num_workers=0", "training.ema_decay=0"))
-    run_in_process(kd.KDTrainer, cfg)
-    final = read_jsonl(out / "eval.jsonl")[-1]
-    assert final["rollout_error"] < final["rollout_error_untrained"] and final["rollout_error_teacher"] > 0
-    # docs/i2v.md's block, with each held-out sample's prompt, image and seed, on the export
-    export.export(str(out), str(tmp_path / "student"))
-    assert json.loads((tmp_path / "student" / "model_index.json").read_text())["expand_timesteps"] is True
     block = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "i2v.md").read_text(), re.S)[0]
     assert all(line in block for line in I2V_SAMPLE_LINES)
     steps, step = [], FlowMatchEulerDiscreteScheduler.step
@@ -1646,13 +1672,33 @@ def test_a_ti2v_student_continues_the_image_and_samples_in_stock_wan_image_to_vi
     monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "step", recorded_step)
     monkeypatch.chdir(tmp_path)
     rows, mse = config.prompt_rows(cfg), []
-    for i in (4, 5):  # the held-out samples
-        code = block.replace(I2V_SAMPLE_LINES[0], f"student = {str(tmp_path / 'student')!r}").replace(
+    for i in indices:
+        code = block.replace(I2V_SAMPLE_LINES[0], f"student = {str(student)!r}").replace(
             I2V_SAMPLE_LINES[1], f"prompt, image, seed = {rows[i][0]!r}, {rows[i][1]!r}, {cfg.data.seed + i}")
         exec(compile(code, "i2v.md", "exec"), {"__name__": "i2v_doc"})
-        x0 = read_sample(cache_format.sample_path(ti2v_cache, i))[0]["latents"][-1]
-        mse.append((steps[-1][0][0, :, 1:] - x0[:, 1:]).pow(2).mean().item())  # the frames it generates
+        x0 = read_sample(cache_format.sample_path(cache, i))[0]["latents"][-1]
+        mse.append((steps[-1][0][0, :, first:] - x0[:, first:]).pow(2).mean().item())
     assert imageio_frames(tmp_path / "sample.mp4") == cfg.pipeline.num_frames
+    return mse
+
+
+def test_a_ti2v_student_continues_the_image_and_samples_in_stock_wan_image_to_video_pipeline_as_documented(
+        ti2v, ti2v_cache, tmp_path, monkeypatch):
+    import export
+
+    out = tmp_path / "run"
+    cfg = config.load_config(TINY, ti2v_overrides(ti2v, ti2v_cache, "data.cache_dtype=float32",
+                                                  f"models.student.init_from={ti2v[2] / 'wan-tiny-ti2v-student'}",
+                                                  "method.keep_full_trajectory=true", f"training.output_dir={out}",
+                                                  "training.max_steps=30", "training.eval_every=30",
+                                                  "training.checkpoint_every=30", "training.eval_samples=2",
+                                                  "training.num_workers=0", "training.ema_decay=0"))
+    run_in_process(kd.KDTrainer, cfg)
+    final = read_jsonl(out / "eval.jsonl")[-1]
+    assert final["rollout_error"] < final["rollout_error_untrained"] and final["rollout_error_teacher"] > 0
+    export.export(str(out), str(tmp_path / "student"))
+    assert json.loads((tmp_path / "student" / "model_index.json").read_text())["expand_timesteps"] is True
+    mse = documented_i2v_sampling(tmp_path / "student", cfg, ti2v_cache, (4, 5), 1, tmp_path, monkeypatch)
     assert sum(mse) / 2 == pytest.approx(final["rollout_error"], rel=1e-3)
     off = config.load_config(TINY, ti2v_overrides(ti2v, ti2v_cache, "data.cache_dtype=float32", "models.teacher=null",
                                                   "method.keep_full_trajectory=true", "method.first_frame_given=false",
@@ -1949,9 +1995,9 @@ def test_a_causal_student_learns_from_causal_ode_pairs_with_the_clean_data_as_co
     contexts = []
     velocity = kd.student_velocity
 
-    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None):
+    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None, image=None):
         contexts.append(context)
-        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context)
+        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context, image)
 
     monkeypatch.setattr(kd, "student_velocity", spy)
     out = tmp_path / "run"
@@ -2017,9 +2063,9 @@ def test_the_student_is_conditioned_on_the_matched_grid_timesteps_unless_asked_f
     seen = set()
     velocity = kd.student_velocity
 
-    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None):
+    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None, image=None):
         seen.update(t_frames.flatten().tolist())
-        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context)
+        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context, image)
 
     monkeypatch.setattr(kd, "student_velocity", spy)  # training, eval, rollouts and previews all call it
     cfg = config.load_config(TINY, train_overrides(
@@ -2043,9 +2089,9 @@ def test_an_image_to_video_student_learns_to_continue_the_given_first_frame(kd_c
     first_frame_timesteps = set()
     velocity = kd.student_velocity
 
-    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None):
+    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None, image=None):
         first_frame_timesteps.update(t_frames[:, 0].tolist())
-        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context)
+        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context, image)
 
     monkeypatch.setattr(kd, "student_velocity", spy)  # training, the eval's losses and its rollouts
     out = tmp_path / "run"
