@@ -1498,11 +1498,10 @@ def test_a_ti2v_teachers_cache_is_wan_image_to_video_pipelines_own_trajectory_st
 
 
 @pytest.mark.parametrize("name", ["wan-tiny-i2v-teacher", "wan-tiny-i2v-moe-teacher"])
-def test_an_i2v_teachers_cache_is_wan_image_to_video_pipelines_own_trajectory_and_a_student_continues_it(
+def test_an_i2v_teachers_cache_is_wan_image_to_video_pipelines_own_trajectory_state_for_state(
         ti2v, tmp_path, name):
     """Wan2.1-I2V's layout (36 input channels: the noisy latent, a mask, the latent of the image then zero frames;
-    CLIP image tokens) and Wan2.2-I2V-A14B's (two such experts, no CLIP), state for state as diffusers runs them;
-    the student continues the first frame of its x0."""
+    CLIP image tokens) and Wan2.2-I2V-A14B's (two such experts, no CLIP), state for state as diffusers runs them."""
     from diffusers import WanImageToVideoPipeline
     from PIL import Image
 
@@ -1536,14 +1535,6 @@ def test_an_i2v_teachers_cache_is_wan_image_to_video_pipelines_own_trajectory_an
          guidance_scale=cfg.method.teacher_guidance_scale, output_type="latent", callback_on_step_end=keep)
     expected = torch.cat([noise[:, None], torch.stack(states, dim=1)], dim=1)[0]  # [49, C, F, H, W]
     assert (cached["latents"] - expected).abs().max() < 1e-4
-    if "moe" in name:
-        return
-    out = tmp_path / "run"
-    run_in_process(kd.KDTrainer, config.load_config(TINY, overrides + [
-        f"training.output_dir={out}", "training.max_steps=20", "training.eval_every=20", "training.eval_samples=2",
-        "training.checkpoint_every=20", "training.num_workers=0", "training.ema_decay=0"]))
-    final = read_jsonl(out / "eval.jsonl")[-1]  # the teacher's own K steps: with the images, as it generated
-    assert final["rollout_error"] < final["rollout_error_untrained"] and final["rollout_error_teacher"] > 0
 
 
 def test_an_i2v_student_of_its_teachers_architecture_takes_the_stored_image_inputs_and_samples_as_documented(
@@ -2096,13 +2087,13 @@ def test_an_image_to_video_student_learns_to_continue_the_given_first_frame(kd_c
     monkeypatch.setattr(kd, "student_velocity", spy)  # training, the eval's losses and its rollouts
     out = tmp_path / "run"
     cfg = config.load_config(TINY, train_overrides(
-        kd_cache, out, "training.max_steps=60", "training.eval_every=60", "training.checkpoint_every=60",
+        kd_cache, out, "training.max_steps=30", "training.eval_every=30", "training.checkpoint_every=30",
         "training.num_workers=0", "training.ema_decay=0", "method.first_frame_given=true",
         f"models.student.attention={attention}", "method.num_frames_per_block=2"))
     run_in_process(kd_causal.CausalKDTrainer if attention == "block_causal" else kd.KDTrainer, cfg)
     assert first_frame_timesteps == {0.0}  # the given frame is clean context, at timestep 0, everywhere
     losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
-    assert sum(losses[-15:]) / 15 < 0.7 * sum(losses[:15]) / 15
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
     assert "loss_t0" not in read_jsonl(out / "metrics.jsonl")[0]  # the given frame carries no loss
     final = read_jsonl(out / "eval.jsonl")[-1]  # rollouts: the generated frames 1.. only
     assert final["rollout_error"] < final["rollout_error_untrained"]
