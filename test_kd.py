@@ -2112,6 +2112,12 @@ def test_an_image_to_video_student_learns_to_continue_the_given_first_frame(kd_c
         with pytest.raises(errors.ConfigError, match="independent_first_frame is set: an image-to-video student"):
             import ar_teacher
             ar_teacher.load_ar_teacher(str(tmp_path / "student"), torch.device("cpu"))
+        # its weights in Self-Forcing's generator layout: exactly CausalWanModel's names and shapes
+        student = models.load_transformer(str(tmp_path / "student"), torch.device("cpu"))
+        weights = export.self_forcing_weights(student, torch.float32)
+        layout = causal_forcing_layout(student.config, torch.Generator())
+        assert {k: tuple(v.shape) for k, v in weights.items()} == {f"model.{k}": tuple(v.shape)
+                                                                     for k, v in layout.items()}
 
 
 def test_the_causal_sampler_draws_the_clean_entry_once_in_k_plus_one_per_block():
