@@ -12,8 +12,9 @@ A teacher directory says what it is conditioned on:
 The images come from data.prompts (JSONL or CSV with prompt and image columns: config.prompt_rows), prepared as
 the pipeline prepares them (diffusers' VideoProcessor: resized to pipeline.height x width, scaled to [-1, 1])
 and encoded by the teacher's VAE (the mode of its latent distribution, normalised by the VAE config's
-latents_mean and latents_std). A student of such a teacher's pairs continues the first frame of each x0, which is
-the image latent (method.first_frame_given).
+latents_mean and latents_std). A student of such a teacher's pairs either continues the first frame of each x0
+(method.first_frame_given; for Wan2.2-TI2V that frame is the image latent) or, with the image-channel teacher's
+own architecture, takes the same channels and CLIP tokens, which its sample files keep (stored, student_channels).
 """
 
 import hashlib
@@ -71,9 +72,8 @@ def check_conditioning(cfg):
             raise ConfigError(f"data.prompts: {cfg.data.prompts} names images but the teacher {teacher.init_from} is "
                               "text-to-video (it would ignore them); use a prompts file without images")
         return
-    if kind == "channels" and teacher_conditioning(cfg.models.student.init_from) == "channels":
-        return image_paths(cfg)  # a student of the same I2V architecture: the image's channels are its input
-    if not cfg.method.first_frame_given:
+    same_architecture = kind == "channels" and teacher_conditioning(cfg.models.student.init_from) == "channels"
+    if not cfg.method.first_frame_given and not same_architecture:  # (that student takes the image's channels)
         how = "expand_timesteps" if kind == "first_frame" else "the image as input channels"
         raise ConfigError(f"the teacher {teacher.init_from} continues a given image ({how}): set "
                           "method.first_frame_given: true (the student continues the first frame of its x0)")
