@@ -1634,10 +1634,15 @@ def test_a_prompts_file_with_images_is_refused_for_a_text_to_video_teacher_and_c
     assert as_csv == as_jsonl and as_jsonl[0][1] == str(root / "image_0.png")
 
 
-def test_the_committed_image_to_video_example_is_tiny_worlds_first_frames_and_reads_as_prompt_rows(tmp_path):
+def test_the_committed_image_to_video_prompts_are_tiny_worlds_first_frames_and_read_as_prompt_rows(tmp_path):
     tiny_demo.write_i2v_example(tmp_path)
-    for name in ("i2v_example.jsonl", "i2v_images/red_square.png", "i2v_images/blue_cross.png"):
+    tiny_demo.write_i2v_prompts(tmp_path)
+    names = ["i2v_example.jsonl", "i2v_images/red_square.png", "i2v_images/blue_cross.png", "shapes_i2v.jsonl",
+             *(f"shapes_i2v/{i:03d}.png" for i in range(256))]
+    for name in names:
         assert (tmp_path / name).read_bytes() == (REPO / "prompts" / name).read_bytes(), name
+    demo = config.load_config(REPO / "configs" / "tiny_ti2v.yaml")
+    assert config.read_prompts(demo) == (REPO / "prompts" / "shapes.txt").read_text().splitlines()
     rows = config.prompt_rows(config.load_config(REPO / "configs" / "wan22_ti2v.yaml"))
     assert rows == [("a red square moving right", str(REPO / "prompts" / "i2v_images" / "red_square.png")),
                     ("a blue cross moving down", str(REPO / "prompts" / "i2v_images" / "blue_cross.png"))]

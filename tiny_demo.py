@@ -121,6 +121,9 @@ I2V_MODELS = {  # offline random image-to-video pipelines (Wan2.1-I2V's layout: 
     "wan-tiny-i2v-moe-teacher": dict(layers=4, heads=2, head_dim=16, ffn_dim=64, seed=7, clip=False, seed_2=8,
                                      boundary_ratio=0.9),
 }
+# image-to-video: the shipped demo teacher marked expand_timesteps (Wan2.2-TI2V's conditioning). Its pre-training's
+# anchored frames (pretraining_sigmas) taught it to read a clean frame, so it continues a given first frame as is.
+DEMO_TI2V_TEACHER = "wan-tiny-demo-ti2v-teacher"
 RANDOM_TINY_SETTINGS = [  # overrides for the random models (configs/tiny.yaml is tuned for the demo models)
     "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
     "pipeline.num_frames=21",  # 6 latent frames: room for causal blocks and a partial last one
@@ -233,6 +236,17 @@ def make_random_i2v_wan(path, layers, heads, head_dim, ffn_dim, seed, clip=True,
     WanImageToVideoPipeline(**components, boundary_ratio=boundary_ratio).save_pretrained(path)
 
 
+def make_demo_ti2v_teacher(path):
+    """DEMO_TI2V_TEACHER: a copy of the shipped demo teacher whose model_index.json sets expand_timesteps."""
+    ensure_model_dir(os.path.join(DEMO_FOLDER, "wan-tiny-demo-teacher"))
+    shutil.copytree(os.path.join(DEMO_FOLDER, "wan-tiny-demo-teacher"), path)
+    index = os.path.join(path, "model_index.json")
+    with open(index) as f:
+        config = json.load(f)
+    with open(index, "w") as f:
+        json.dump({**config, "expand_timesteps": True}, f, indent=2)
+
+
 def random_tiny_overrides(cache_dir):
     """configs/tiny.yaml overrides for the random tiny teacher and student (absolute paths), the example
     prompts and the cache `cache_dir`: the setting of the tests and faults.py."""
@@ -265,7 +279,8 @@ def ensure_model_dir(init_from):
             raise ConfigError(f"{init_from}: {problem}; restore it with `git checkout -- {folder}` or rebuild "
                               f"it with `python tiny_demo.py --rebuild --out {folder}`")
         return init_from
-    if name not in {**RANDOM_MODELS, **TWO_EXPERT_MODELS, **I2V_MODELS} or os.path.exists(init_from):
+    if name not in {**RANDOM_MODELS, **TWO_EXPERT_MODELS, **I2V_MODELS, DEMO_TI2V_TEACHER: None} or (
+            os.path.exists(init_from)):
         return init_from
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.lock"), "w") as lock:
@@ -277,6 +292,8 @@ def ensure_model_dir(init_from):
                 make_random_two_expert_wan(tmp, **TWO_EXPERT_MODELS[name])
             elif name in I2V_MODELS:
                 make_random_i2v_wan(tmp, **I2V_MODELS[name])
+            elif name == DEMO_TI2V_TEACHER:
+                make_demo_ti2v_teacher(tmp)
             else:
                 make_random_wan(tmp, **RANDOM_MODELS[name])
             os.rename(tmp, init_from)
@@ -746,6 +763,32 @@ def write_prompts(path, repeats=8, seed=0):
             f.writelines(prompts[i] + "\n" for i in torch.randperm(len(prompts), generator=g).tolist())
 
 
+def write_i2v_prompts(folder, repeats=8, seed=0):
+    """shapes_i2v.jsonl (and shapes_i2v/, its images) in `folder`: write_prompts' prompts in its order, each with
+    the first frame of a tiny-world video of it from a seeded start cell, 64x64 PNG (configs/tiny_ti2v.yaml)."""
+    from PIL import Image
+
+    write_prompts(os.path.join(folder, "shapes_i2v.txt"), repeats, seed)
+    with open(os.path.join(folder, "shapes_i2v.txt")) as f:
+        prompts = f.read().splitlines()
+    os.remove(os.path.join(folder, "shapes_i2v.txt"))
+    os.makedirs(os.path.join(folder, "shapes_i2v"), exist_ok=True)
+    g, rows = torch.Generator().manual_seed(seed + 1), []
+    for i, prompt in enumerate(prompts):
+        starts = start_cells(parse_prompt(prompt)[2])
+        frame = shape_video(prompt, starts[int(torch.randint(len(starts), (1,), generator=g))])[:, 0]
+        name = f"shapes_i2v/{i:03d}.png"
+        Image.fromarray(to_png_pixels(frame)).save(os.path.join(folder, name))
+        rows.append(json.dumps({"prompt": prompt, "image": name}) + "\n")
+    with open(os.path.join(folder, "shapes_i2v.jsonl"), "w") as f:
+        f.writelines(rows)
+
+
+def to_png_pixels(frame):
+    """[H, W, 3] uint8 numpy of a frame [3, H, W] in [-1, 1]."""
+    return ((frame + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 I2V_EXAMPLE = [("a red square moving right", (2, 0)), ("a blue cross moving down", (0, 3))]  # prompt, start cell
 
 
@@ -758,9 +801,7 @@ def write_i2v_example(folder):
     rows = []
     for prompt, start in I2V_EXAMPLE:
         name = "i2v_images/" + "_".join(prompt.split()[1:3]) + ".png"
-        frame = shape_video(prompt, start)[:, 0]  # [3, H, W] in [-1, 1]
-        pixels = ((frame + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(os.path.join(folder, name))
+        Image.fromarray(to_png_pixels(shape_video(prompt, start)[:, 0])).save(os.path.join(folder, name))
         rows.append(json.dumps({"prompt": prompt, "image": name}) + "\n")
     with open(os.path.join(folder, "i2v_example.jsonl"), "w") as f:
         f.writelines(rows)
