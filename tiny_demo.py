@@ -122,7 +122,7 @@ I2V_MODELS = {  # offline random image-to-video pipelines (Wan2.1-I2V's layout: 
                                      boundary_ratio=0.9),
 }
 # image-to-video: the shipped demo teacher marked expand_timesteps (Wan2.2-TI2V's conditioning). Its pre-training's
-# anchored frames (pretraining_sigmas) taught it to read a clean frame, so it continues a given first frame as is.
+# anchored frames (pretraining_sigmas) taught it to read a less noisy frame: it continues a given first frame as is.
 DEMO_TI2V_TEACHER = "wan-tiny-demo-ti2v-teacher"
 RANDOM_TINY_SETTINGS = [  # overrides for the random models (configs/tiny.yaml is tuned for the demo models)
     "pipeline.max_sequence_length=512", "training.lr=1e-3", "method.t_list=[999, 937, 833, 624, 0]",
