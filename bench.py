@@ -7,6 +7,7 @@
     python bench.py solvers   # the teacher's x0 error, Euler vs UniPC, against the exact ODE (docs/cache.md)
     python bench.py ar-generation  # an AR teacher's causal rollout: KV cache vs recomputing the prefix
     python bench.py block-jumps    # the tiny demo's causal ODE chain: jumps at block boundaries (docs/causal.md)
+    python bench.py i2v            # the tiny demo in image-to-video: what its samples show (docs/i2v.md)
 
 Every ratio is measured in this run, numerator and denominator under the same conditions: one compute thread
 per process, a "small" random Wan teacher and student (2 layers, width 256, 384 tokens; a forward takes tens
@@ -514,14 +515,17 @@ def block_jump_ratio(videos, frames_per_block):
 
 
 def streamed_students(run, cache_cfg, indices):
-    """x0 [N, C, F, H, W] of a causal run's final student sampling the samples' noise in blocks, K steps each."""
+    """x0 [N, C, F, H, W] of a run's final student sampling the samples' noise in K steps: block by block for a
+    causal student, in one pass for a bidirectional one; after x0's first frame if the run gives it."""
     import export
 
-    folder = tempfile.mkdtemp(prefix="kd-jumps-")
+    folder = tempfile.mkdtemp(prefix="kd-students-")
     export.export(run, os.path.join(folder, "student"))
     cfg = config.load_config(os.path.join(run, "config.yaml"))
+    m = cfg.method
     model = models.load_transformer(os.path.join(folder, "student"), torch.device("cpu")).eval()
-    wan_student.make_block_causal(model, cfg.method.num_frames_per_block)
+    if cfg.models.student.attention == "block_causal":
+        wan_student.make_block_causal(model, m.num_frames_per_block, m.first_frame_given)
     wan_student.accept_frame_timesteps(model)
     grid = teacher_grid(cfg)
     t_values = torch.tensor(flow_matching.conditioning_timesteps(cfg) + [0.0])
@@ -534,10 +538,66 @@ def streamed_students(run, cache_cfg, indices):
     with torch.no_grad():
         for i in indices:
             item = dataset[(i, (0,) * frames)]  # entry 0: the sample's initial noise
-            out.append(kd.streaming_sample(model, item["x_t"][None].float(), item["prompt_embeds"][None].float(),
-                                           t_values, sigmas, cfg.method.num_frames_per_block)[0])
+            noise, embeds = item["x_t"][None].float(), item["prompt_embeds"][None].float()
+            first = item["x0"][None, :, :1].float() if m.first_frame_given else None
+            if cfg.models.student.attention == "block_causal":
+                out.append(kd.streaming_sample(model, noise, embeds, t_values, sigmas, m.num_frames_per_block,
+                                               first=first)[0])
+            else:
+                rest = kd.sample_frames(model, noise[:, :, 0 if first is None else 1 :], embeds, t_values, sigmas,
+                                        first)
+                out.append(rest[0] if first is None else torch.cat([first, rest], dim=2)[0])
     shutil.rmtree(folder)
     return torch.stack(out)
+
+
+def i2v_table():
+    """The tiny demo in image-to-video (configs/tiny_ti2v.yaml, tiny_causal_i2v.yaml and tiny.yaml, their runs and
+    caches in place, and runs/tiny_i2v: docs/i2v.md's commands): how often each kind of sample shows the prompted
+    colour, shape and direction (tiny_demo.detect), and its first frame's MSE against the given image, in
+    pixels."""
+    from PIL import Image
+
+    torch.set_num_threads(2)
+    load = {name: config.load_config(os.path.join(REPO, "configs", f"{name}.yaml"))
+            for name in ("tiny_ti2v", "tiny_causal_i2v", "tiny")}
+    with open(os.path.join(REPO, "demo_models", "wan-tiny-demo-student", "vae", "config.json")) as f:
+        vae_config = json.load(f)
+    indices = range(load["tiny"].data.num_samples)
+    images = torch.stack([torch.tensor(numpy_image(Image.open(path))) for _, path in config.prompt_rows(
+        load["tiny_ti2v"])]).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
+
+    def cached(cfg):
+        return torch.stack([cache_format.read_x0(cfg.method.teacher_path_cache, i)[0].float() for i in indices])
+
+    rows = {  # (latents [N, C, F, H, W], the given images or None)
+        "TI2V teacher, 48 steps, given the image (cache x0)": (cached(load["tiny_ti2v"]), images),
+        "TI2V student, 2 steps, given the image": (streamed_students(
+            load["tiny_ti2v"].training.output_dir, load["tiny_ti2v"], indices), images),
+        "T2V teacher, 48 steps, from text (cache x0)": (cached(load["tiny"]), None),
+        "causal I2V student, 2 steps, streaming after the T2V x0's first frame": (streamed_students(
+            load["tiny_causal_i2v"].training.output_dir, load["tiny"], indices), None),
+        # kd.py configs/tiny.yaml method.first_frame_given=true training.output_dir=runs/tiny_i2v (docs/i2v.md)
+        "bidirectional I2V student, 2 steps, after the T2V x0's first frame": (streamed_students(
+            os.path.join(REPO, "runs", "tiny_i2v"), load["tiny"], indices), None),
+    }
+    prompts = config.read_prompts(load["tiny"])
+    print(f"bench.py i2v: the tiny demo, {len(indices)} samples; % showing the prompted colour / shape / "
+          "direction; first frame's MSE against the given image (pixels in [-1, 1])")
+    for name, (latents, given) in rows.items():
+        videos = [tiny_demo.codec_decode(x, vae_config) for x in latents]
+        hits = torch.tensor([[a == b for a, b in zip(tiny_demo.parse_prompt(p), tiny_demo.detect(v))]
+                             for p, v in zip(prompts, videos)], dtype=torch.float).mean(0) * 100
+        fidelity = "" if given is None else (
+            f"{(torch.stack([v[:, 0] for v in videos]) - given).pow(2).mean().item():10.2e}")
+        print(f"  {name:<72} {hits[0]:5.1f} {hits[1]:5.1f} {hits[2]:5.1f} {fidelity}")
+
+
+def numpy_image(image):
+    """[H, W, 3] uint8 of a PIL image."""
+    import numpy as np
+
+    return np.asarray(image.convert("RGB"))
 
 
 def free_running_ar_teacher(causal, bidirectional, indices):
@@ -607,6 +667,8 @@ if __name__ == "__main__":
         memory_table()
     elif mode == ["block-jumps"]:
         block_jump_table()
+    elif mode == ["i2v"]:
+        i2v_table()
     elif mode == ["ar-generation"]:
         ar_generation_table()
     elif mode == ["solvers"]:
