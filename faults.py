@@ -18,7 +18,10 @@
    message and no checkpoint holds non-finite weights;
 7. causal ODE (an AR teacher): its generation and its stage-1 teacher forcing (ar_diffusion.py) SIGKILLed at a
    random moment, then rerun, must equal the uninterrupted cache and logs; a bit flipped in a sample's clean
-   context latent is refused by the read that uses it, naming the file, and regeneration rewrites that file.
+   context latent is refused by the read that uses it, naming the file, and regeneration rewrites that file;
+8. image-to-video (a Wan2.2-TI2V-style and a Wan2.1-I2V-style tiny teacher in turn): generation SIGKILLed at a
+   random moment, then rerun, must equal the uninterrupted cache; an edited image makes the cache stale (one error
+   naming the field); a bit flipped in a stored CLIP token is found, naming the file, and regenerated.
 
 Every run is a real subprocess of the real scripts (torchrun for two ranks); faults are injected from outside,
 except scenario 6, whose run is kd.main with a KDTrainer subclass that poisons one step. Exit status 1 if any
@@ -56,6 +59,7 @@ TINY = REPO / "configs" / "tiny.yaml"
 SHIPPED_CONFIGS = ["tiny.yaml", "tiny_causal.yaml", "wan.yaml", "wan_causal.yaml"]
 AR_FRAMES_PER_BLOCK = 3  # scenario 7's AR teacher: the random tiny teacher, 6 latent frames in blocks of 3
 CAUSAL_SAMPLES, CAUSAL_STEPS = 4, 15  # scenario 7's cache and stage-1 run, smaller than the others
+I2V_SAMPLES = 4  # scenario 8's caches
 NUM_SAMPLES = 6
 TRAIN_STEPS = 30
 CHECKPOINT_EVERY = 5
@@ -788,6 +792,86 @@ def causal_ode_faults(trials, rng, work, reference, write_seconds):
     return outcome
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 8. Image-to-video: generation killed, an image edited, a CLIP token corrupted
+
+
+def tensor_byte_offset(path, name):
+    """File offset of the first byte of tensor `name` in a safetensors file (from its header)."""
+    raw = Path(path).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    return 8 + header_len + json.loads(raw[8 : 8 + header_len])[name]["data_offsets"][0]
+
+
+def i2v_faults(trials, rng, work, write_seconds):
+    from PIL import Image
+
+    outcome = Outcome("8. image-to-video: generation SIGKILLed, an image edited, a CLIP token corrupted")
+    data = work / "i2v_data"
+    data.mkdir()
+    prompts = (REPO / "prompts" / "example.txt").read_text().splitlines()[:I2V_SAMPLES]
+    for i in range(I2V_SAMPLES):
+        Image.new("RGB", (80, 96), (40 * i, 200 - 30 * i, 90)).save(data / f"{i}.png")
+    (data / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "image": f"{i}.png"}) + "\n"
+                                          for i, p in enumerate(prompts)))
+    ti2v = work / "ti2v_teacher"  # the random tiny teacher marked expand_timesteps, as Wan2.2-TI2V-5B
+    shutil.copytree(REPO / "tiny_models" / "wan-tiny-teacher", ti2v)
+    index = ti2v / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "expand_timesteps": True}))
+    teachers = [ti2v, Path(tiny_demo.ensure_model_dir(str(REPO / "tiny_models" / "wan-tiny-i2v-teacher")))]
+
+    def generation(cache, teacher):
+        return overrides(cache, f"models.teacher.init_from={teacher}", f"data.prompts={data / 'p.jsonl'}",
+                         f"data.num_samples={I2V_SAMPLES}", "method.first_frame_given=true")
+
+    references = [work / f"i2v_reference_{k}" for k in range(len(teachers))]
+    for teacher, reference in zip(teachers, references):
+        quietly(generate_cache.generate_cache, config.load_config(TINY, generation(reference, teacher)))
+    for trial in range(trials):
+        teacher, reference = teachers[trial % 2], references[trial % 2]
+        cache = work / f"i2v_kill_{trial}"
+        cmd = command("generate_cache.py", [TINY, *generation(cache, teacher)])
+        proc = start(cmd)  # killed just after a random sample file appeared, while the next is computed
+        wait_for(cache / "samples" / f"{rng.randrange(I2V_SAMPLES - 1):08d}.safetensors", proc)
+        time.sleep(rng.uniform(0, 0.5 * write_seconds / NUM_SAMPLES))
+        kill(proc)
+        written = count_samples(cache)
+        rerun = run(cmd)
+        damage = cache_damage(cache, reference) if rerun.returncode == 0 else ["generation rerun failed"]
+
+        edited = work / f"i2v_edited_{trial}"  # the same prompts file, one image repainted
+        shutil.copytree(data, edited)
+        Image.new("RGB", (80, 96), (255, 255, 255)).save(edited / f"{rng.randrange(I2V_SAMPLES)}.png")
+        try:
+            cache_format.open_cache(config.load_config(TINY, generation(cache, teacher) + [
+                f"data.prompts={edited / 'p.jsonl'}"]))
+            stale = False
+        except errors.CacheError as e:
+            stale = "conditioning: config" in str(e)
+
+        flipped = True  # the channels teacher's samples hold CLIP tokens: flip one, find it, regenerate it
+        if teacher == teachers[1]:
+            path = cache_format.sample_path(str(cache), rng.randrange(I2V_SAMPLES))
+            flip_bit(path, tensor_byte_offset(path, "image_embeds") + rng.randrange(16), rng.randrange(8))
+            problem = cache_format.sample_file_problem(path, json.loads((cache / "metadata.json").read_text()),
+                                                       int(Path(path).stem))
+            flipped = problem == "image_embeds fail their CRC32 checksum"
+            quietly(generate_cache.generate_cache, config.load_config(TINY, generation(cache, teacher)))
+        repaired = cache_damage(cache, reference)
+
+        outcome.trials += 1
+        outcome.bad_inputs += 2
+        outcome.clear += stale + flipped
+        outcome.survived += not damage and stale and flipped and not repaired
+        outcome.lost += len(damage) + len(repaired)
+        report(outcome, trial, f"{teacher.name}: generation killed with {written}/{I2V_SAMPLES} samples written; "
+               f"an edited image {'refused' if stale else 'NOT refused'}; a flipped CLIP token "
+               f"{'found' if flipped else 'NOT found'}", damage + repaired)
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(edited, ignore_errors=True)
+    return outcome
+
+
 def report(outcome, trial, text, problems):
     status = "ok" if not problems else "FAILED: " + "; ".join(map(str, problems[:5]))
     print(f"  [{outcome.scenario[:2]} trial {trial + 1}] {text} -> {status}", flush=True)
@@ -810,8 +894,8 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     parser.add_argument("--jobs", type=int, default=2, help="scenarios run at a time (default 2: two cores)")
     args = parser.parse_args()
-    trials = dict(gen=1, train=1, corrupt=1, disk=2, fuzz=300, nan=1, causal=1) if args.quick else \
-        dict(gen=10, train=12, corrupt=12, disk=12, fuzz=1000, nan=10, causal=6)
+    trials = dict(gen=1, train=1, corrupt=1, disk=2, fuzz=300, nan=1, causal=1, i2v=2) if args.quick else \
+        dict(gen=10, train=12, corrupt=12, disk=12, fuzz=1000, nan=10, causal=6, i2v=6)
     os.chdir(REPO)  # the shipped configs name their paths relative to the repository
     sys.path.insert(0, str(REPO))
     import torch
@@ -866,7 +950,8 @@ def campaign(trials, seed, work, quick, jobs):
                  lambda rng: cache_corruptions(trials["corrupt"], rng, work, reference),
                  lambda rng: disk_full(trials["disk"], rng, work, reference, references[1][0], tmpfs),
                  lambda rng: non_finite(trials["nan"], rng, work, reference),
-                 lambda rng: causal_ode_faults(trials["causal"], rng, work, reference, write_seconds)]
+                 lambda rng: causal_ode_faults(trials["causal"], rng, work, reference, write_seconds),
+                 lambda rng: i2v_faults(trials["i2v"], rng, work, write_seconds)]
 
     def timed(index):
         began = time.time()

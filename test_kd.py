@@ -2724,7 +2724,7 @@ def test_the_quick_fault_campaign_loses_nothing_and_every_bad_input_is_a_clear_e
 
     proc, _ = finished_beside_the_suite(beside_the_suite, request)
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"\| \d\. ", line)]
-    assert len(rows) == 7, proc.stdout + proc.stderr
+    assert len(rows) == 8, proc.stdout + proc.stderr
     for scenario, trials, survived, lost, clear in ([c.strip() for c in row] for row in rows):
         assert int(trials) >= 1 and survived == trials and lost == "0", scenario
         assert clear == "n/a" or clear.split("/")[0] == clear.split("/")[1], scenario
