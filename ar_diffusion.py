@@ -25,7 +25,7 @@ import torch
 
 import kd
 import kd_causal
-from errors import ConfigError, run_cli
+from errors import run_cli
 from flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, shifted_sigmas
 
 TRAINING_POINTS = 1000  # the shifted grid the blocks' noise levels are drawn from (Causal Forcing's)
@@ -39,12 +39,7 @@ class ARDiffusionTrainer(kd_causal.CausalKDTrainer):
 
     def __init__(self, cfg, rank, world_size, device):
         super().__init__(cfg, rank, world_size, device)
-        if cfg.method.first_frame_given:
-            raise ConfigError("method.first_frame_given: ar_diffusion.py trains text-to-video only (image-to-video "
-                              "students: kd.py or kd_causal.py)")
-        if cfg.models.student.attention != "block_causal":
-            raise ConfigError("ar_diffusion.py trains an autoregressive teacher: set models.student.attention: "
-                              "block_causal")
+        kd_causal.check_text_to_video_causal(cfg, "ar_diffusion.py", "an autoregressive teacher")
         self.train_sigmas = shifted_sigmas(TRAINING_POINTS, cfg.pipeline.flow_shift).float().to(device)
 
     def sample_step_indices(self, generator, batch_size, num_frames):

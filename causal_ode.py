@@ -23,7 +23,7 @@ import torch.distributed as dist
 import kd
 import kd_causal
 from ar_teacher import free_running_samples
-from errors import ConfigError, run_cli
+from errors import run_cli
 from eval_references import teacher_inputs
 from teacher import teacher_solver
 
@@ -35,11 +35,7 @@ class CausalODETrainer(kd_causal.CausalKDTrainer):
 
     def __init__(self, cfg, rank, world_size, device):
         super().__init__(cfg, rank, world_size, device)
-        if cfg.method.first_frame_given:
-            raise ConfigError("method.first_frame_given: causal_ode.py trains text-to-video only (image-to-video "
-                              "students: kd.py or kd_causal.py)")
-        if cfg.models.student.attention != "block_causal":
-            raise ConfigError("causal_ode.py trains a causal student: set models.student.attention: block_causal")
+        kd_causal.check_text_to_video_causal(cfg, "causal_ode.py", "a causal student")
         self.ar_streaming = {}  # {eval index: the AR teacher's free-running x0 over its full grid [C, F, H, W]}
 
     def prepare_teacher_reference(self):

@@ -27,7 +27,7 @@ from distributed import (all_gather_objects, barrier, free_device_memory, init_d
                          shutdown_distributed)
 from errors import ConfigError, run_cli
 from flow_matching import teacher_grid
-from i2v import check_conditioning, image_conditions, stored
+from i2v import check_conditioning, image_conditioner, stored
 from models import load_text_encoder
 from teacher import encode_prompt, load_teacher, pad_embeds, teacher_rollout
 from tiny_demo import build_missing_models
@@ -125,13 +125,13 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
     embeds = {i: encode_prompt(encoder, tokenizer, prompts[i], max_len, device).to(dtype) for i in indices}
     negative = encode_prompt(encoder, tokenizer, m.teacher_negative_prompt, max_len, device).to(dtype)
     del encoder, tokenizer
-    images = image_conditions(cfg, indices, dtype, device)  # {index: its image's conditioning} (i2v.py)
-    free_device_memory(device)  # the text and image encoders are gone before the teacher arrives
+    free_device_memory(device)  # the text encoder is gone before the teacher arrives
     if rank == 0 and not os.path.exists(negative_embeds_path(m.teacher_path_cache)):  # for K-step references
         write_negative_embeds(m.teacher_path_cache, negative, m.teacher_negative_prompt)
     if not indices:
         return
 
+    image = image_conditioner(cfg, dtype, device)  # an image-conditioned teacher's per-sample inputs (i2v.py)
     context_cache = m.context_cache  # causal ODE: an AR teacher, block by block after the clean data
     if context_cache is None:
         model, low_noise = load_teacher(cfg, device)  # frozen, replicated (no FSDP), both experts of a Wan2.2
@@ -151,10 +151,11 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
         noise = initial_noise(fingerprint["latent_shape"], seed).to(device)  # [1, C, F, H, W]
         prompt_in = pad_embeds(embeds[i], max_len).float()[None].to(device)  # [1, max_len, D]
         solver = fingerprint["teacher_solver"], fingerprint["teacher_solver_settings"]
+        condition = image(i) if image is not None else None
         if context_cache is None:
             states = teacher_rollout(model, noise, prompt_in, negative_in, grid.sigmas, m.teacher_guidance_scale,
                                      grid.recorded, low_noise, m.teacher_cfg_forward, *solver,
-                                     images.get(i))  # [1, K+1, C, F, H, W]
+                                     condition)  # [1, K+1, C, F, H, W]
         else:
             clean, prompt = read_x0(context_cache, i)  # [C, F, H, W]: the clean data this sample's blocks follow
             if prompt != prompts[i]:
@@ -173,7 +174,7 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
                                      "not finite; nothing was written for it")
         write_sample(sample_path(cache_dir, i), states[0].to(dtype).cpu(), timesteps, embeds[i],
                      {"prompt": prompts[i], "seed": seed, "index": i, "format_version": CACHE_FORMAT_VERSION},
-                     {k: v.to(dtype).cpu() for k, v in stored(images.get(i)).items()})
+                     {k: v.to(dtype).cpu() for k, v in stored(condition).items()})
         # The bar counts every rank's files, so it shows the global rate and ETA: a few stats per sample on
         # rank 0, even for a huge cache on a network file system.
         if rank == 0:
@@ -182,7 +183,7 @@ def _write_samples(cfg, indices, prompts, fingerprint, device, rank, world_size,
                     written[r] += 1
             bar.update(done_before + sum(written) - bar.n)
     bar.close()
-    del model, low_noise
+    del model, low_noise, image
     free_device_memory(device)
 
 

@@ -115,31 +115,38 @@ def load_image(path, index):
 
 
 def image_conditions(cfg, indices, dtype, device):
-    """{index: FirstFrame or Channels} of the samples `indices` for an image-conditioned teacher ({} for a text
-    one), each image encoded as WanImageToVideoPipeline encodes it, then rounded through the cache dtype `dtype`
-    (so that a first frame is exactly the one the student will read)."""
+    """{index: FirstFrame or Channels} of the samples `indices` ({} for a text teacher): image_conditioner's."""
+    condition = image_conditioner(cfg, dtype, device) if indices else None
+    return {} if condition is None else {i: condition(i) for i in indices}
+
+
+def image_conditioner(cfg, dtype, device):
+    """index -> FirstFrame or Channels of that sample's image for an image-conditioned teacher (None for a text
+    one): the image encoded as WanImageToVideoPipeline encodes it, then rounded through the cache dtype `dtype`
+    (so that a first frame is exactly the one the student will read). Its VAE (and CLIP tower) stay loaded while
+    it lives, as they do in the pipeline; one sample's conditioning exists at a time."""
     init_from = cfg.models.teacher.init_from
     kind = teacher_conditioning(init_from)
-    if not indices or kind == "text":
-        return {}
+    if kind == "text":
+        return None
     from diffusers import WanTransformer3DModel
 
     paths, p = image_paths(cfg), cfg.pipeline
-    images = {i: load_image(paths[i], i) for i in indices}
     vae, config = load_vae(init_from, device), WanTransformer3DModel.load_config(init_from, subfolder="transformer")
-    if kind == "first_frame":
-        return {i: FirstFrame(encoded(vae, pixels(vae, image, p), device).to(dtype).float(), config["patch_size"])
-                for i, image in images.items()}
-    clip = clip_encoder(init_from, device) if config.get("image_dim") else None
-    conditions = {}
-    for i, image in images.items():
+    clip = clip_encoder(init_from, device) if kind == "channels" and config.get("image_dim") else None
+
+    def condition(i):
+        image = load_image(paths[i], i)
+        if kind == "first_frame":
+            return FirstFrame(encoded(vae, pixels(vae, image, p), device).to(dtype).float(), config["patch_size"])
         first = pixels(vae, image, p)[:, :, None]  # [1, 3, 1, H, W]
         video = torch.cat([first, first.new_zeros(1, 3, p.num_frames - 1, p.height, p.width)], dim=2)
         latent = encoded(vae, video, device)  # [1, C, F, h, w]: the image, then what zero frames encode to
         embeds = clip(image) if clip is not None else None
-        conditions[i] = Channels(torch.cat([first_frame_mask(latent, vae), latent], dim=1).to(dtype).float(),
-                                 None if embeds is None else embeds.to(dtype).float())
-    return conditions
+        return Channels(torch.cat([first_frame_mask(latent, vae), latent], dim=1).to(dtype).float(),
+                        None if embeds is None else embeds.to(dtype).float())
+
+    return condition
 
 
 def pixels(vae, image, p):

@@ -17,7 +17,7 @@ import sys
 import torch
 
 import kd
-from errors import run_cli
+from errors import ConfigError, run_cli
 
 
 class CausalKDTrainer(kd.KDTrainer):
@@ -32,6 +32,15 @@ class CausalKDTrainer(kd.KDTrainer):
         per_block = torch.randint(entries, (batch_size, first - (first - num_frames) // block), generator=generator)
         return torch.cat([per_block[:, :first], per_block[:, first:].repeat_interleave(block, dim=1)],
                          dim=1)[:, :num_frames]  # [B, F]
+
+
+def check_text_to_video_causal(cfg, script, trains):
+    """ConfigError unless cfg trains a block-causal text-to-video model, as `script` (which `trains` it) needs."""
+    if cfg.method.first_frame_given:
+        raise ConfigError(f"method.first_frame_given: {script} trains text-to-video only (image-to-video "
+                          "students: kd.py or kd_causal.py)")
+    if cfg.models.student.attention != "block_causal":
+        raise ConfigError(f"{script} trains {trains}: set models.student.attention: block_causal")
 
 
 if __name__ == "__main__":
