@@ -34,6 +34,7 @@ import config
 import distributed
 import flow_matching
 import generate_cache
+import i2v
 import kd
 import models
 import teacher
@@ -505,12 +506,14 @@ def ar_generation_table(steps=48, guidance=5.0):
 JUMP_SAMPLES = 64  # the last samples of the tiny demo's caches
 
 
-def block_jump_ratio(videos, frames_per_block):
+def block_jump_ratio(videos, frames_per_block, first_frame_alone=False):
     """Mean |frame f - frame f-1| over the pairs that cross a block boundary, divided by the same within blocks.
 
-    videos [N, C, F, H, W]; 1 where the boundaries are as smooth as the blocks' insides."""
+    videos [N, C, F, H, W]; blocks of frames_per_block, after a first frame of its own if first_frame_alone; 1
+    where the boundaries are as smooth as the blocks' insides."""
     steps = (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))  # [F - 1]: pair f-1 -> f
-    crossing = torch.tensor([f % frames_per_block == 0 for f in range(1, videos.shape[2])])
+    shift = 1 if first_frame_alone else 0
+    crossing = torch.tensor([(f - shift) % frames_per_block == 0 for f in range(1, videos.shape[2])])
     return float(steps[crossing].mean() / steps[~crossing].mean())
 
 
@@ -540,12 +543,13 @@ def streamed_students(run, cache_cfg, indices):
             item = dataset[(i, (0,) * frames)]  # entry 0: the sample's initial noise
             noise, embeds = item["x_t"][None].float(), item["prompt_embeds"][None].float()
             first = item["x0"][None, :, :1].float() if m.first_frame_given else None
+            image = i2v.student_channels(item, torch.device("cpu"))  # a 36-channel student's image inputs
             if cfg.models.student.attention == "block_causal":
                 out.append(kd.streaming_sample(model, noise, embeds, t_values, sigmas, m.num_frames_per_block,
                                                first=first)[0])
             else:
                 rest = kd.sample_frames(model, noise[:, :, 0 if first is None else 1 :], embeds, t_values, sigmas,
-                                        first)
+                                        first, image=image)
                 out.append(rest[0] if first is None else torch.cat([first, rest], dim=2)[0])
     shutil.rmtree(folder)
     return torch.stack(out)
@@ -553,14 +557,14 @@ def streamed_students(run, cache_cfg, indices):
 
 def i2v_table():
     """The tiny demo in image-to-video (configs/tiny_ti2v.yaml, tiny_causal_i2v.yaml and tiny.yaml, their runs and
-    caches in place, and runs/tiny_i2v: docs/i2v.md's commands): how often each kind of sample shows the prompted
-    colour, shape and direction (tiny_demo.detect), and its first frame's MSE against the given image, in
-    pixels."""
+    caches in place, and runs/tiny_i2v_first_frame: docs/i2v.md's commands): how often each kind of sample shows
+    the prompted colour, shape and direction (tiny_demo.detect), its first frame's MSE against the given image, in
+    pixels, and the block-jump ratio of the causal I2V layout (the given frame, then a block of 2)."""
     from PIL import Image
 
     torch.set_num_threads(2)
     load = {name: config.load_config(os.path.join(REPO, "configs", f"{name}.yaml"))
-            for name in ("tiny_ti2v", "tiny_causal_i2v", "tiny")}
+            for name in ("tiny_i2v", "tiny_ti2v", "tiny_causal_i2v", "tiny")}
     with open(os.path.join(REPO, "demo_models", "wan-tiny-demo-student", "vae", "config.json")) as f:
         vae_config = json.load(f)
     indices = range(load["tiny"].data.num_samples)
@@ -570,27 +574,34 @@ def i2v_table():
     def cached(cfg):
         return torch.stack([cache_format.read_x0(cfg.method.teacher_path_cache, i)[0].float() for i in indices])
 
+    def student(name, cache=None):
+        return streamed_students(load[name].training.output_dir, load[cache or name], indices)
+
     rows = {  # (latents [N, C, F, H, W], the given images or None)
+        "I2V teacher (image channels, CLIP), 48 steps (cache x0)": (cached(load["tiny_i2v"]), images),
+        "I2V student (image channels, CLIP), 2 steps": (student("tiny_i2v"), images),
         "TI2V teacher, 48 steps, given the image (cache x0)": (cached(load["tiny_ti2v"]), images),
-        "TI2V student, 2 steps, given the image": (streamed_students(
-            load["tiny_ti2v"].training.output_dir, load["tiny_ti2v"], indices), images),
+        "TI2V student, 2 steps, given the image": (student("tiny_ti2v"), images),
         "T2V teacher, 48 steps, from text (cache x0)": (cached(load["tiny"]), None),
-        "causal I2V student, 2 steps, streaming after the T2V x0's first frame": (streamed_students(
-            load["tiny_causal_i2v"].training.output_dir, load["tiny"], indices), None),
-        # kd.py configs/tiny.yaml method.first_frame_given=true training.output_dir=runs/tiny_i2v (docs/i2v.md)
+        "causal I2V student, 2 steps, streaming after the T2V x0's first frame": (
+            student("tiny_causal_i2v", "tiny"), None),
+        # kd.py configs/tiny.yaml method.first_frame_given=true training.output_dir=runs/tiny_first_frame
         "bidirectional I2V student, 2 steps, after the T2V x0's first frame": (streamed_students(
-            os.path.join(REPO, "runs", "tiny_i2v"), load["tiny"], indices), None),
+            os.path.join(REPO, "runs", "tiny_first_frame"), load["tiny"], indices), None),
     }
     prompts = config.read_prompts(load["tiny"])
+    block = load["tiny_causal_i2v"].method.num_frames_per_block
     print(f"bench.py i2v: the tiny demo, {len(indices)} samples; % showing the prompted colour / shape / "
-          "direction; first frame's MSE against the given image (pixels in [-1, 1])")
+          "direction; first frame's MSE against the given image (pixels in [-1, 1]); block-jump ratio of the "
+          f"causal I2V layout (the given frame, then blocks of {block})")
+    print(f"  {'samples':<72} {'colour':>6} {'shape':>6} {'dir.':>6} {'1st frame':>10} {'jumps':>6}")
     for name, (latents, given) in rows.items():
         videos = [tiny_demo.codec_decode(x, vae_config) for x in latents]
         hits = torch.tensor([[a == b for a, b in zip(tiny_demo.parse_prompt(p), tiny_demo.detect(v))]
                              for p, v in zip(prompts, videos)], dtype=torch.float).mean(0) * 100
-        fidelity = "" if given is None else (
-            f"{(torch.stack([v[:, 0] for v in videos]) - given).pow(2).mean().item():10.2e}")
-        print(f"  {name:<72} {hits[0]:5.1f} {hits[1]:5.1f} {hits[2]:5.1f} {fidelity}")
+        fidelity = (torch.stack([v[:, 0] for v in videos]) - given).pow(2).mean().item() if given is not None else 0
+        print(f"  {name:<72} {hits[0]:6.1f} {hits[1]:6.1f} {hits[2]:6.1f} "
+              f"{f'{fidelity:10.2e}' if given is not None else '':>10} {block_jump_ratio(latents, block, True):6.3f}")
 
 
 def numpy_image(image):

@@ -492,25 +492,34 @@ class KDTrainer:
             return None
         return student_channels(self.dataset[(index, (0,) * self.meta["latent_shape"][1])], self.device)
 
+    def given_image(self, index, x0):
+        """[C, 1, H, W]: the latent of the image sample `index` continues: x0's first frame, or the first frame
+        of an I2V student's condition latent (after its mask channels)."""
+        if self.cfg.method.first_frame_given:
+            return x0[:, :1]
+        return self.sample_image(index).condition[0, -x0.shape[0] :, :1]
+
     @torch.no_grad()
     def write_eval_previews(self):
-        """output_dir/previews/step-N/: teacher 48-step | teacher K-step | student K-step (| streaming), labelled.
+        """output_dir/previews/step-N/: (given image |) teacher 48-step | teacher K-step | student K-step (|
+        streaming), labelled; an image-to-video run's given image is held as a still.
 
         Every rank runs the student's rollouts (the FSDP forward is collective); rank 0 decodes and writes.
         """
         self.model.eval()
-        samples = []
+        samples, given = [], self.cfg.method.first_frame_given or self.takes_image
         for index in self.preview_indices:
             states, x0, embeds, _ = self.load_eval_sample(index)
             teacher_k = [self.teacher_k_step[index]] if index in self.teacher_k_step else []
-            samples.append((index, [x0, *teacher_k, *self.student_samples(index, states[:1], embeds, x0)]))
+            image = [self.given_image(index, x0).expand_as(x0)] if given else []
+            samples.append((index, [*image, x0, *teacher_k, *self.student_samples(index, states[:1], embeds, x0)]))
         self.model.train()
         if self.rank != 0:
             return
         if self.vae is None:
             self.vae = load_vae(self.cfg.models.student.init_from, self.device)
         K = self.num_steps
-        labels = [f"teacher {self.cfg.method.teacher_inference_steps}-step x0",
+        labels = [*(["given image"] if given else []), f"teacher {self.cfg.method.teacher_inference_steps}-step x0",
                   *([f"teacher {K}-step"] if self.teacher_k_step else []), f"student {K}-step",
                   *([f"student {K}-step streaming"] if self.streaming else [])]
         folder = os.path.join(self.cfg.training.output_dir, "previews", f"step-{self.step}")

@@ -87,6 +87,9 @@ DEMO_MODELS = {  # transformer size and pre-training of each demo model, or the 
     # width 64: a 2x2 patch of 16 latent channels is 64 numbers, and a narrower stream cannot carry the noise
     "wan-tiny-demo-teacher": dict(layers=4, heads=4, head_dim=16, ffn_dim=128, seed=11, steps=10000),
     "wan-tiny-demo-student": dict(copy_of="wan-tiny-demo-teacher"),
+    # Wan2.1-I2V's layout (36 input channels, CLIP tokens: image_to_video_transformer) grown from the teacher, then
+    # pre-trained further to continue each video's first frame given as the image
+    "wan-tiny-demo-i2v-teacher": dict(image_of="wan-tiny-demo-teacher", seed=12, steps=1500),
 }
 # fraction of training prompts replaced by the empty prompt (the unconditional model of CFG)
 CFG_DROPOUT = 0.1
@@ -100,6 +103,9 @@ BUILD_THREADS = 1  # torch threads of the build, whatever the caller's: the same
 NEGATIVE_PROMPT = ""
 BATCH_SIZE, LR = 16, 3e-3
 MAX_SEQUENCE_LENGTH = 16  # configs/tiny.yaml's pipeline.max_sequence_length: the prompts are 6 tokens
+# configs/tiny_i2v.yaml's: diffusers' Wan attention takes the first (length - 512) context tokens as the image's
+I2V_SEQUENCE_LENGTH = 512
+CLIP_DIM, CLIP_SIZE = 32, 32  # the demo I2V teacher's tiny CLIP vision tower: width, input pixels (patches of 8)
 FLOW_SHIFT = 5.0
 
 
@@ -607,10 +613,8 @@ def fitted_codec(videos):
 # Pre-training
 
 
-def prompt_embeddings(encoder, tokenizer, prompts):
-    """{prompt: [MAX_SEQUENCE_LENGTH, D]} as the KD scripts condition the teacher (real tokens, then zero
-    rows)."""
-    n = MAX_SEQUENCE_LENGTH
+def prompt_embeddings(encoder, tokenizer, prompts, n=MAX_SEQUENCE_LENGTH):
+    """{prompt: [n, D]} as the KD scripts condition the teacher (real tokens, then zero rows)."""
     return {p: pad_embeds(encode_prompt(encoder, tokenizer, p, n, torch.device("cpu")), n) for p in prompts}
 
 
@@ -630,8 +634,10 @@ def pretraining_sigmas(generator, step, batch, frames):
     return sigma
 
 
-def pretrain(transformer, latents, embeds, steps, seed, log=None):
-    """Flow-matching pre-training on (latents [N, C, F, H, W], per-sample prompt embeddings [N, L, D])."""
+def pretrain(transformer, latents, embeds, steps, seed, log=None, image=None):
+    """Flow-matching pre-training on (latents [N, C, F, H, W], per-sample prompt embeddings [N, L, D]); with
+    `image` (condition channels [N, 20, F, H, W], CLIP tokens [N, T, D]) as Wan2.1-I2V is conditioned on it,
+    the same image given to the unconditional model."""
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=LR, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 *
@@ -653,7 +659,11 @@ def pretrain(transformer, latents, embeds, steps, seed, log=None):
         timestep = sigma * NUM_TRAIN_TIMESTEPS
         if per_frame:  # diffusers' Wan takes a timestep per token: [B, F * tokens per frame]
             timestep = timestep.repeat_interleave(tokens_per_frame, dim=1)
-        v = transformer(x_t, timestep, context, return_dict=False)[0]
+        if image is None:
+            v = transformer(x_t, timestep, context, return_dict=False)[0]
+        else:
+            v = transformer(torch.cat([x_t, image[0][idx]], dim=1), timestep, context,
+                            encoder_hidden_states_image=image[1][idx], return_dict=False)[0]
         loss = (v - (eps - x0)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -682,7 +692,7 @@ def build(paths, log=log_line, steps=None):
 
 
 def _build(paths, log, steps):
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 
     start = time.perf_counter()
     torch.manual_seed(TEXT_SEED)
@@ -690,39 +700,126 @@ def _build(paths, log, steps):
     text_encoder = tiny_text_encoder(len(tokenizer)).eval()
     videos, prompts = demo_videos()
     vae, latents = fitted_codec(videos)
-    table = prompt_embeddings(text_encoder, tokenizer, demo_prompts() + [NEGATIVE_PROMPT])
-    embeds = {"cond": torch.stack([table[p] for p in prompts]), "uncond": table[NEGATIVE_PROMPT]}
+
+    def prompt_table(n):
+        table = prompt_embeddings(text_encoder, tokenizer, demo_prompts() + [NEGATIVE_PROMPT], n)
+        return {"cond": torch.stack([table[p] for p in prompts]), "uncond": table[NEGATIVE_PROMPT]}
+
+    embeds = prompt_table(MAX_SEQUENCE_LENGTH)
     log(f"tiny demo: {len(videos)} videos of moving shapes encoded for the codec VAE in "
         f"{time.perf_counter() - start:.0f} s")
-    trained = {}
+    trained, clips = {}, {}
 
     def transformer_of(name):
         spec = DEMO_MODELS[name]
         if "copy_of" in spec:
             return transformer_of(spec["copy_of"])
-        if name not in trained:
+        if name in trained:
+            return trained[name]
+        n = spec["steps"] if steps is None else steps
+        if "image_of" in spec:
+            base = transformer_of(spec["image_of"])
             torch.manual_seed(spec["seed"])
-            trained[name] = WanTransformer3DModel(
-                num_attention_heads=spec["heads"], attention_head_dim=spec["head_dim"], in_channels=16,
-                out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=spec["ffn_dim"],
-                num_layers=spec["layers"], rope_max_seq_len=64,
-            )
-            n = spec["steps"] if steps is None else steps
-            log(f"pre-training {name} ({sum(p.numel() for p in trained[name].parameters())} parameters, "
-                f"{n} steps of {BATCH_SIZE} videos)")
-            pretrain(trained[name], latents, embeds, n, spec["seed"], log)
+            clips[name] = tiny_clip()
+            trained[name] = image_to_video_transformer(base)
+            image = (image_condition(videos, vae), clip_tokens(*clips[name], videos))
+            log(f"pre-training {name} from {spec['image_of']} ({n} steps of {BATCH_SIZE} videos, each given its "
+                "first frame)")
+            pretrain(trained[name], latents, prompt_table(I2V_SEQUENCE_LENGTH), n, spec["seed"], log, image)
+            return trained[name]
+        torch.manual_seed(spec["seed"])
+        trained[name] = WanTransformer3DModel(
+            num_attention_heads=spec["heads"], attention_head_dim=spec["head_dim"], in_channels=16,
+            out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=spec["ffn_dim"],
+            num_layers=spec["layers"], rope_max_seq_len=64,
+        )
+        log(f"pre-training {name} ({sum(p.numel() for p in trained[name].parameters())} parameters, "
+            f"{n} steps of {BATCH_SIZE} videos)")
+        pretrain(trained[name], latents, embeds, n, spec["seed"], log)
         return trained[name]
 
     for name, path in paths.items():
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                             flow_shift=FLOW_SHIFT)
-        WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                    transformer=transformer_of(name)).save_pretrained(path)
+        components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                          transformer=transformer_of(name))
+        if name in clips:
+            image_encoder, image_processor = clips[name]
+            WanImageToVideoPipeline(**components, image_encoder=image_encoder,
+                                    image_processor=image_processor).save_pretrained(path)
+        else:
+            WanPipeline(**components).save_pretrained(path)
         log(f"{name} written to {path} ({time.perf_counter() - start:.0f} s since the start)")
     teacher_steps = DEMO_MODELS["wan-tiny-demo-teacher"]["steps"] if steps is None else steps
     return {"models": DEMO_MODELS, "steps": teacher_steps, "batch_size": BATCH_SIZE, "lr": LR,
             "cfg_dropout": CFG_DROPOUT, "frame_noise_every": FRAME_NOISE_EVERY, "threads": BUILD_THREADS,
             "torch": torch.__version__, "seconds": round(time.perf_counter() - start)}
+
+
+def tiny_clip():
+    """(a random tiny CLIPVisionModel, its CLIPImageProcessor): the demo I2V teacher's image tokens, as Wan2.1-I2V
+    takes CLIP ViT-H's (17 tokens of width CLIP_DIM from a CLIP_SIZE-pixel centre crop)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_DIM, intermediate_size=2 * CLIP_DIM,
+                                             num_hidden_layers=3, num_attention_heads=2, image_size=CLIP_SIZE,
+                                             patch_size=8)).eval()
+    size = {"height": CLIP_SIZE, "width": CLIP_SIZE}
+    return model, CLIPImageProcessor(size={"shortest_edge": CLIP_SIZE}, crop_size=size)
+
+
+def image_to_video_transformer(base):
+    """A Wan2.1-I2V-shaped copy of the text-to-video `base` (36 input channels, an image embedder and image keys
+    and values in every cross-attention) that computes exactly what base computes: the 20 condition channels'
+    patch weights and the image values start at zero (the rest new, drawn from the global seed)."""
+    from diffusers import WanTransformer3DModel
+
+    c = base.config
+    model = WanTransformer3DModel(
+        num_attention_heads=c.num_attention_heads, attention_head_dim=c.attention_head_dim,
+        in_channels=c.in_channels + 4 + c.out_channels, out_channels=c.out_channels, text_dim=c.text_dim,
+        freq_dim=c.freq_dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers, rope_max_seq_len=c.rope_max_seq_len,
+        image_dim=CLIP_DIM, added_kv_proj_dim=c.num_attention_heads * c.attention_head_dim)
+    state = dict(base.state_dict())
+    patch = state["patch_embedding.weight"]  # [D, 16, 1, 2, 2]
+    grown = patch.new_zeros(patch.shape[0], model.config.in_channels - patch.shape[1], *patch.shape[2:])
+    state["patch_embedding.weight"] = torch.cat([patch, grown], dim=1)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("image_embedder" in k or "add" in k for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn2.add_v_proj.weight.zero_()
+            block.attn2.add_v_proj.bias.zero_()
+    return model
+
+
+def first_frames(videos):
+    """[N, 3, H, W] in [-1, 1]: each video's first frame as its PNG stores it (the image a prompts file names)."""
+    return torch.stack([torch.from_numpy(to_png_pixels(v[:, 0])).permute(2, 0, 1) for v in videos]) / 127.5 - 1
+
+
+def image_condition(videos, vae):
+    """[N, 20, F, H, W]: Wan2.1-I2V's condition channels of each video's first frame: the mask (1 on the first
+    latent frame), then the normalised latent of that frame followed by zero frames, as i2v.image_conditioner
+    encodes it (here in the codec's closed form)."""
+    n, _, frames = videos.shape[:3]
+    image = first_frames(videos)[:, :, None]  # [N, 3, 1, H, W]
+    video = torch.cat([image, image.new_zeros(n, 3, frames - 1, *image.shape[3:])], dim=2)
+    mean, inv_std = latent_stats(vae)
+    latent = (codec_encode(video) - mean) * inv_std  # [N, 16, F, h, w]
+    mask = torch.zeros_like(latent[:, :1]).repeat(1, TIME_FACTOR, 1, 1, 1)
+    mask[:, :, 0] = 1
+    return torch.cat([mask, latent], dim=1)
+
+
+@torch.no_grad()
+def clip_tokens(model, processor, videos):
+    """[N, 17, CLIP_DIM]: each first frame's CLIP tokens as WanImageToVideoPipeline.encode_image computes them."""
+    from PIL import Image
+
+    images = [Image.fromarray(to_png_pixels(v[:, 0])) for v in videos]
+    inputs = processor(images=images, return_tensors="pt")
+    return model(**inputs, output_hidden_states=True).hidden_states[-2]
 
 
 class GaussianVelocity(torch.nn.Module):
