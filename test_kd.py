@@ -1537,18 +1537,19 @@ def test_an_i2v_teachers_cache_is_wan_image_to_video_pipelines_own_trajectory_st
     assert (cached["latents"] - expected).abs().max() < 1e-4
 
 
-def demo_i2v_run(config_file, tmp_path, teacher, student, *extra):
+def demo_i2v_run(config_file, tmp_path, teacher, student, *extra, trainer=kd.KDTrainer, run="run"):
     """configs/`config_file` (the demo in image-to-video, `teacher` and `student` its models) on the first 12 of its
     256 samples (float32 cache), 60 steps with an eval of the last 2 at the end (unless `extra` overrides say
-    otherwise), in this process: (cfg, cache, run folder, per-step losses, final eval)."""
-    cache, out = tmp_path / "cache", tmp_path / "run"
+    otherwise), by `trainer` in this process into tmp_path/`run`: (cfg, cache, run folder, per-step losses, final
+    eval)."""
+    cache, out = tmp_path / "cache", tmp_path / run
     cfg = config.load_config(REPO / "configs" / config_file, [
         f"models.teacher.init_from={teacher}", f"models.student.init_from={student}",
         f"data.prompts={REPO}/prompts/shapes_i2v.jsonl", "data.num_samples=12", "data.cache_dtype=float32",
         f"method.teacher_path_cache={cache}", f"training.output_dir={out}", "training.max_steps=60",
         "training.eval_every=60", "training.checkpoint_every=60", "training.eval_samples=2", "training.log_every=1",
         "training.num_workers=0", "training.ema_decay=0", *extra])
-    run_in_process(kd.KDTrainer, cfg)  # generates the cache first
+    run_in_process(trainer, cfg)  # generates the cache first if it is missing
     losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
     return cfg, cache, out, losses, read_jsonl(out / "eval.jsonl")[-1]
 
@@ -1687,18 +1688,24 @@ def documented_i2v_sampling(student, cfg, cache, indices, first, tmp_path, monke
     return mse
 
 
-def test_a_ti2v_student_beats_the_teachers_two_steps_and_samples_in_stock_wan_image_to_video_pipeline_as_printed(
+def test_a_ti2v_teachers_pairs_teach_a_ti2v_and_a_causal_student_past_its_own_two_steps_sampled_as_printed(
         tmp_path, monkeypatch):
-    """TI2V -> TI2V on the demo (its teacher marked expand_timesteps): the student continues each image with a
-    falling loss, closer to the teacher's 48 steps than the teacher's own 2 steps; its export sets
-    expand_timesteps and samples from the README's block as printed; the pairs are refused for a student that
-    would not continue their first frame."""
+    """TI2V -> TI2V on the demo (its teacher marked expand_timesteps), and a block-causal student on the same
+    pairs (the image its own first block): each continues the images with a falling loss, closer to the
+    teacher's 48 steps than the teacher's own 2 steps; the TI2V export sets expand_timesteps and samples from
+    the README's block as printed; the pairs are refused for a student that would not continue their first
+    frame."""
     import export
+    import kd_causal
 
     teacher = tiny_demo.ensure_model_dir(str(REPO / "tiny_models" / tiny_demo.DEMO_TI2V_TEACHER))
     cfg, cache, out, losses, final = demo_i2v_run("tiny_ti2v.yaml", tmp_path, teacher, DEMO_STUDENT)
-    assert sum(losses[-10:]) < sum(losses[:10])
-    assert final["rollout_error"] < final["rollout_error_teacher"]
+    *_, causal_losses, causal_final = demo_i2v_run(
+        "tiny_ti2v.yaml", tmp_path, teacher, DEMO_STUDENT, "models.student.attention=block_causal",
+        "method.num_frames_per_block=2", trainer=kd_causal.CausalKDTrainer, run="causal")
+    for losses_, final_ in ((losses, final), (causal_losses, causal_final)):
+        assert sum(losses_[-10:]) < sum(losses_[:10])
+        assert final_["rollout_error"] < final_["rollout_error_teacher"]
     export.export(str(out), str(tmp_path / "student"))
     assert json.loads((tmp_path / "student" / "model_index.json").read_text())["expand_timesteps"] is True
     mse = documented_i2v_sampling(tmp_path / "student", cfg, cache, (10, 11), 1, tmp_path, monkeypatch)
