@@ -556,10 +556,11 @@ def streamed_students(run, cache_cfg, indices):
 
 
 def i2v_table():
-    """The tiny demo in image-to-video (configs/tiny_ti2v.yaml, tiny_causal_i2v.yaml and tiny.yaml, their runs and
-    caches in place, and runs/tiny_i2v_first_frame: docs/i2v.md's commands): how often each kind of sample shows
-    the prompted colour, shape and direction (tiny_demo.detect), its first frame's MSE against the given image, in
-    pixels, and the block-jump ratio of the causal I2V layout (the given frame, then a block of 2)."""
+    """The tiny demo in image-to-video (configs/tiny_i2v.yaml, tiny_ti2v.yaml, tiny_causal_i2v.yaml and tiny.yaml,
+    their runs and caches in place, and runs/tiny_first_frame and runs/tiny_causal_ti2v: docs/i2v.md's commands):
+    how often each kind of sample shows the prompted colour, shape and direction (tiny_demo.detect), its first
+    frame's MSE against the given image, in pixels, and the block-jump ratio of the causal I2V layout (the given
+    frame, then a block of 2)."""
     from PIL import Image
 
     torch.set_num_threads(2)
@@ -582,6 +583,10 @@ def i2v_table():
         "I2V student (image channels, CLIP), 2 steps": (student("tiny_i2v"), images),
         "TI2V teacher, 48 steps, given the image (cache x0)": (cached(load["tiny_ti2v"]), images),
         "TI2V student, 2 steps, given the image": (student("tiny_ti2v"), images),
+        # kd_causal.py configs/tiny_ti2v.yaml models.student.attention=block_causal method.num_frames_per_block=2
+        #   training.output_dir=runs/tiny_causal_ti2v (docs/i2v.md)
+        "causal I2V student of the TI2V pairs, 2 steps, streaming after the image": (streamed_students(
+            os.path.join(REPO, "runs", "tiny_causal_ti2v"), load["tiny_ti2v"], indices), images),
         "T2V teacher, 48 steps, from text (cache x0)": (cached(load["tiny"]), None),
         "causal I2V student, 2 steps, streaming after the T2V x0's first frame": (
             student("tiny_causal_i2v", "tiny"), None),
