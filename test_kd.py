@@ -1691,25 +1691,53 @@ def documented_i2v_sampling(student, cfg, cache, indices, first, tmp_path, monke
 def test_a_ti2v_teachers_pairs_teach_a_ti2v_and_a_causal_student_past_its_own_two_steps_sampled_as_printed(
         tmp_path, monkeypatch):
     """TI2V -> TI2V on the demo (its teacher marked expand_timesteps), and a block-causal student on the same
-    pairs (the image its own first block): each continues the images with a falling loss, closer to the
-    teacher's 48 steps than the teacher's own 2 steps; the TI2V export sets expand_timesteps and samples from
-    the README's block as printed; the pairs are refused for a student that would not continue their first
-    frame."""
+    pairs (the image its own first block): both read the image as clean context (timestep 0 wherever the student
+    runs, no loss on it) and continue it with a falling loss, closer to the teacher's 48 steps than the teacher's
+    own 2 steps. The TI2V export sets expand_timesteps and samples from the README's block as printed; the causal
+    one is Self-Forcing's generator in exactly CausalWanModel's names and shapes, with the config lines of its
+    I2V inference, and is never taken for an AR teacher. The pairs are refused for a student that would not
+    continue their first frame."""
+    import ar_teacher
     import export
     import kd_causal
 
+    first_frame_timesteps, velocity = set(), kd.student_velocity
+
+    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None, image=None):
+        first_frame_timesteps.update(t_frames[:, 0].tolist())
+        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context, image)
+
+    monkeypatch.setattr(kd, "student_velocity", spy)  # training, the eval's losses and its rollouts
     teacher = tiny_demo.ensure_model_dir(str(REPO / "tiny_models" / tiny_demo.DEMO_TI2V_TEACHER))
     cfg, cache, out, losses, final = demo_i2v_run("tiny_ti2v.yaml", tmp_path, teacher, DEMO_STUDENT)
-    *_, causal_losses, causal_final = demo_i2v_run(
+    *_, causal, causal_losses, causal_final = demo_i2v_run(
         "tiny_ti2v.yaml", tmp_path, teacher, DEMO_STUDENT, "models.student.attention=block_causal",
         "method.num_frames_per_block=2", trainer=kd_causal.CausalKDTrainer, run="causal")
-    for losses_, final_ in ((losses, final), (causal_losses, causal_final)):
+    assert first_frame_timesteps == {0.0}
+    for run, losses_, final_ in ((out, losses, final), (causal, causal_losses, causal_final)):
         assert sum(losses_[-10:]) < sum(losses_[:10])
         assert final_["rollout_error"] < final_["rollout_error_teacher"]
+        assert "loss_t0" not in read_jsonl(run / "metrics.jsonl")[0]  # the given frame carries no loss
     export.export(str(out), str(tmp_path / "student"))
     assert json.loads((tmp_path / "student" / "model_index.json").read_text())["expand_timesteps"] is True
+    sampling = json.loads((tmp_path / "student" / "student_sampling.json").read_text())
+    assert sampling["first_frame_given"] is True and sampling["self_forcing_config"] is None
     mse = documented_i2v_sampling(tmp_path / "student", cfg, cache, (10, 11), 1, tmp_path, monkeypatch)
     assert sum(mse) / 2 == pytest.approx(final["rollout_error"], rel=1e-3)
+    status, _, stderr = run_cli_in_process(export.main, "--checkpoint", causal, "--output-dir",
+                                           tmp_path / "causal_student", "--self-forcing", tmp_path / "ode_init.pt")
+    assert status == 0, stderr
+    sampling = json.loads((tmp_path / "causal_student" / "student_sampling.json").read_text())
+    assert sampling["self_forcing_config"] == {"num_frame_per_block": 2, "independent_first_frame": True}
+    config_json = json.loads((tmp_path / "causal_student" / "transformer" / "config.json").read_text())
+    assert config_json["independent_first_frame"] is True
+    with pytest.raises(errors.ConfigError, match="independent_first_frame is set: an image-to-video student"):
+        ar_teacher.load_ar_teacher(str(tmp_path / "causal_student"), torch.device("cpu"))
+    generator = torch.load(tmp_path / "ode_init.pt", weights_only=True)["generator"]
+    layout = causal_forcing_layout(models.load_transformer(str(DEMO_STUDENT), torch.device("cpu")).config,
+                                   torch.Generator())
+    assert {k: tuple(v.shape) for k, v in generator.items()} == {f"model.{k}": tuple(v.shape)
+                                                                   for k, v in layout.items()}
     off = config.load_config(REPO / "configs" / "tiny_ti2v.yaml", [
         f"models.student.init_from={DEMO_STUDENT}", "models.teacher=null", f"method.teacher_path_cache={cache}",
         f"data.prompts={REPO}/prompts/shapes_i2v.jsonl", "data.num_samples=12", "data.cache_dtype=float32",
@@ -2091,53 +2119,17 @@ def test_the_student_is_conditioned_on_the_matched_grid_timesteps_unless_asked_f
     assert (tmp_path / "run" / "previews" / "step-3").is_dir()  # the previews' rollouts were among them
 
 
-@pytest.mark.parametrize("attention", ["block_causal", "full"])
-def test_an_image_to_video_student_learns_to_continue_the_given_first_frame(kd_cache, tmp_path, monkeypatch,
-                                                                            attention):
+def test_a_self_forcing_export_needs_whole_blocks_after_the_given_first_frame(tmp_path):
     import export
-    import kd_causal
 
-    first_frame_timesteps = set()
-    velocity = kd.student_velocity
-
-    def spy(model, x_t, t_frames, uniform, prompt_embeds, context=None, image=None):
-        first_frame_timesteps.update(t_frames[:, 0].tolist())
-        return velocity(model, x_t, t_frames, uniform, prompt_embeds, context, image)
-
-    monkeypatch.setattr(kd, "student_velocity", spy)  # training, the eval's losses and its rollouts
-    out = tmp_path / "run"
-    cfg = config.load_config(TINY, train_overrides(
-        kd_cache, out, "training.max_steps=30", "training.eval_every=30", "training.checkpoint_every=30",
-        "training.num_workers=0", "training.ema_decay=0", "method.first_frame_given=true",
-        f"models.student.attention={attention}", "method.num_frames_per_block=2"))
-    run_in_process(kd_causal.CausalKDTrainer if attention == "block_causal" else kd.KDTrainer, cfg)
-    assert first_frame_timesteps == {0.0}  # the given frame is clean context, at timestep 0, everywhere
-    losses = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
-    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
-    assert "loss_t0" not in read_jsonl(out / "metrics.jsonl")[0]  # the given frame carries no loss
-    final = read_jsonl(out / "eval.jsonl")[-1]  # rollouts: the generated frames 1.. only
-    assert final["rollout_error"] < final["rollout_error_untrained"]
-    export.export(str(out), str(tmp_path / "student"))
-    sampling = json.loads((tmp_path / "student" / "student_sampling.json").read_text())
-    assert sampling["first_frame_given"] is True
-    assert sampling["self_forcing_config"] == ({"num_frame_per_block": 2, "independent_first_frame": True}
-                                               if attention == "block_causal" else None)
-    transformer = json.loads((tmp_path / "student" / "transformer" / "config.json").read_text())
-    assert transformer.get("independent_first_frame") is (True if attention == "block_causal" else None)
-    if attention == "block_causal":  # 6 latent frames: the given one, then 5, not whole blocks of 2
-        status, _, stderr = run_cli_in_process(export.main, "--checkpoint", out, "--output-dir", tmp_path / "sf",
-                                               "--self-forcing", tmp_path / "ode_init.pt")
-        assert status == 2 and "6 latent frames (pipeline.num_frames=21), after the given first frame not a " \
-                               "multiple of method.num_frames_per_block=2" in stderr
-        with pytest.raises(errors.ConfigError, match="independent_first_frame is set: an image-to-video student"):
-            import ar_teacher
-            ar_teacher.load_ar_teacher(str(tmp_path / "student"), torch.device("cpu"))
-        # its weights in Self-Forcing's generator layout: exactly CausalWanModel's names and shapes
-        student = models.load_transformer(str(tmp_path / "student"), torch.device("cpu"))
-        weights = export.self_forcing_weights(student, torch.float32)
-        layout = causal_forcing_layout(student.config, torch.Generator())
-        assert {k: tuple(v.shape) for k, v in weights.items()} == {f"model.{k}": tuple(v.shape)
-                                                                     for k, v in layout.items()}
+    cfg = tiny_config(tmp_path / "cache", "method.first_frame_given=true", "method.num_frames_per_block=2",
+                      "models.student.attention=block_causal")
+    with pytest.raises(errors.ConfigError, match=r"--self-forcing: runs/i2v's run has 6 latent frames \(pipeline.num_frames"
+                                                 r"=21\), after the given first frame not a multiple of method."
+                                                 r"num_frames_per_block=2"):
+        export.check_whole_blocks(cfg, "runs/i2v")
+    export.check_whole_blocks(config.load_config(TINY, tiny_overrides(  # 1 + 5 frames: whole blocks of 5
+        tmp_path / "cache", "method.first_frame_given=true", "method.num_frames_per_block=5")), "runs/i2v")
 
 
 def test_the_causal_sampler_draws_the_clean_entry_once_in_k_plus_one_per_block():
