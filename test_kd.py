@@ -1557,6 +1557,34 @@ def demo_i2v_run(config_file, tmp_path, teacher, student, *extra, trainer=kd.KDT
 DEMO_I2V_TEACHER = REPO / "demo_models" / "wan-tiny-demo-i2v-teacher"
 
 
+def test_the_demo_i2v_teacher_grows_from_the_text_teacher_and_learns_from_the_conditioning_the_cache_gives_it():
+    """tiny_demo's I2V teacher starts as the text teacher exactly (whatever the image channels and tokens), and
+    its pre-training's condition channels are what i2v.image_conditioner encodes from the committed PNGs."""
+    import numpy
+    from diffusers import WanTransformer3DModel
+    from PIL import Image
+
+    import i2v
+
+    base = WanTransformer3DModel.from_pretrained(DEMO_TEACHER, subfolder="transformer").eval()
+    torch.manual_seed(0)
+    grown = tiny_demo.image_to_video_transformer(base).eval()
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 16, 3, 8, 8, generator=g), torch.randn(2, tiny_demo.I2V_SEQUENCE_LENGTH, 32, generator=g)
+    condition, tokens = torch.randn(2, 20, 3, 8, 8, generator=g), torch.randn(2, 17, tiny_demo.CLIP_DIM, generator=g)
+    with torch.no_grad():
+        assert torch.equal(grown(torch.cat([x, condition], dim=1), torch.tensor([500.0, 900.0]), text,
+                                 encoder_hidden_states_image=tokens, return_dict=False)[0],
+                           base(x, torch.tensor([500.0, 900.0]), text, return_dict=False)[0])
+    cfg = config.load_config(REPO / "configs" / "tiny_i2v.yaml", [f"models.teacher.init_from={DEMO_I2V_TEACHER}",
+                                                                  f"data.prompts={REPO}/prompts/shapes_i2v.jsonl"])
+    conditioner, (_, path) = i2v.image_conditioner(cfg, torch.float32, torch.device("cpu")), config.prompt_rows(cfg)[3]
+    image = torch.tensor(numpy.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 127.5 - 1  # [3, H, W]
+    video = image[None, :, None].expand(1, 3, cfg.pipeline.num_frames, -1, -1)  # held: only frame 0 is read
+    vae = models.load_vae(str(DEMO_I2V_TEACHER), torch.device("cpu"))
+    assert (tiny_demo.image_condition(video, vae)[0] - conditioner(3).condition[0]).abs().max() < 1e-3
+
+
 def test_a_36_channel_i2v_student_takes_the_stored_image_inputs_beats_the_teachers_two_steps_and_samples_as_printed(
         tmp_path, monkeypatch):
     """I2V-14B -> I2V-14B on the demo: the cache keeps each sample's condition channels and CLIP tokens,
@@ -2124,9 +2152,9 @@ def test_a_self_forcing_export_needs_whole_blocks_after_the_given_first_frame(tm
 
     cfg = tiny_config(tmp_path / "cache", "method.first_frame_given=true", "method.num_frames_per_block=2",
                       "models.student.attention=block_causal")
-    with pytest.raises(errors.ConfigError, match=r"--self-forcing: runs/i2v's run has 6 latent frames \(pipeline.num_frames"
-                                                 r"=21\), after the given first frame not a multiple of method."
-                                                 r"num_frames_per_block=2"):
+    with pytest.raises(errors.ConfigError, match=r"--self-forcing: runs/i2v's run has 6 latent frames \(pipeline."
+                                                 r"num_frames=21\), after the given first frame not a multiple of "
+                                                 r"method.num_frames_per_block=2"):
         export.check_whole_blocks(cfg, "runs/i2v")
     export.check_whole_blocks(config.load_config(TINY, tiny_overrides(  # 1 + 5 frames: whole blocks of 5
         tmp_path / "cache", "method.first_frame_given=true", "method.num_frames_per_block=5")), "runs/i2v")
