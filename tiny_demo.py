@@ -1,7 +1,7 @@
 """The tiny demo: a tiny Wan teacher that has learned something worth distilling, shipped in demo_models/.
 
     python tiny_demo.py                         # check demo_models/ against its MANIFEST.json
-    python tiny_demo.py --rebuild               # retrain the demo teacher and student from their seeds (8 min)
+    python tiny_demo.py --rebuild               # retrain the demo models from their seeds (12 min)
     python tiny_demo.py --rebuild --out DIR --steps 4   # a short rebuild elsewhere
     python tiny_demo.py --detect cache/tiny     # what the teacher draws: prompted colour, shape, direction
 
@@ -27,11 +27,15 @@ What the demo is made of:
   Self-Forcing's ODE initialisation (CausVid's process) regresses Wan2.1-T2V-1.3B's trajectories into a
   student that starts from that model, and the demo then shows distillation alone, the same network taught
   the teacher's guided 48-step result in a few unguided steps.
+- The image-to-video teacher (configs/tiny_i2v.yaml): the teacher grown to Wan2.1-I2V's inputs (36 channels: the
+  noisy latent, a mask, the latent of the first frame followed by zero frames; a tiny random CLIP tower's
+  tokens), computing at first exactly what the teacher computes, then pre-trained further to continue each
+  video given its first frame.
 
 detect(video) reads the colour, shape and direction a decoded video shows; `--detect CACHE` prints how often
 the cached teacher samples show the prompted ones (docs/tiny_demo.md has the figures).
 
-Both directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD
+All directories share the text encoder, tokenizer, VAE and scheduler (the same seeded build), as the KD
 scripts and export.py expect. A rebuild is deterministic given the seed on a given machine and torch version
 (it always runs BUILD_THREADS threads): two give byte-identical files.
 """
@@ -906,7 +910,7 @@ def write_i2v_example(folder):
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=DEMO_FOLDER, help="folder of the two demo model directories")
+    parser.add_argument("--out", default=DEMO_FOLDER, help="folder of the demo model directories")
     parser.add_argument("--rebuild", action="store_true",
                         help="pre-train the demo models from their seeds into --out, replacing what is there")
     parser.add_argument("--steps", type=int, help="with --rebuild: pre-training steps instead of the recipe's")
