@@ -1598,7 +1598,7 @@ def test_a_36_channel_i2v_student_takes_the_stored_image_inputs_beats_the_teache
     tensors, _ = read_sample(cache_format.sample_path(cache, 1))
     assert tensors["condition"].shape == (20, 3, 8, 8) and tensors["image_embeds"].shape == (17, 32)
     assert (tensors["condition"][:4, 0] == 1).all() and (tensors["condition"][:4, 1:] == 0).all()  # the mask
-    assert sum(losses[-10:]) < sum(losses[:10])
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])  # the last 10 steps against the first 10
     assert final["rollout_error"] < final["rollout_error_teacher"]
     export.export(str(out), str(tmp_path / "student"))
     mse = documented_i2v_sampling(tmp_path / "student", cfg, cache, range(10, 14), 0, tmp_path, monkeypatch)
@@ -1743,7 +1743,7 @@ def test_a_ti2v_teachers_pairs_teach_a_ti2v_and_a_causal_student_past_its_own_tw
         "method.num_frames_per_block=2", trainer=kd_causal.CausalKDTrainer, run="causal")
     assert first_frame_timesteps == {0.0}
     for run, losses_, final_ in ((out, losses, final), (causal, causal_losses, causal_final)):
-        assert sum(losses_[-10:]) < sum(losses_[:10])
+        assert sum(losses_[-10:]) < 0.7 * sum(losses_[:10])  # the last 10 steps against the first 10
         assert final_["rollout_error"] < final_["rollout_error_teacher"]
         assert "loss_t0" not in read_jsonl(run / "metrics.jsonl")[0]  # the given frame carries no loss
     export.export(str(out), str(tmp_path / "student"))
