@@ -25,7 +25,7 @@ from atomic_files import write_atomic
 from config import latent_shape, read_prompts
 from errors import CacheError, one_line
 from flow_matching import teacher_grid
-from i2v import conditioning
+from i2v import IMAGE_TENSORS, conditioning
 from teacher import teacher_experts, teacher_solver
 
 CACHE_FORMAT_VERSION = 2  # 2: per-slice CRC32 checksums in each sample file's metadata
@@ -236,7 +236,7 @@ def image_tensors(fingerprint):
     image = fingerprint.get("conditioning")
     if not isinstance(image, dict) or image["kind"] != "channels":
         return ()
-    return ("condition", "image_embeds") if image["clip"] else ("condition",)
+    return IMAGE_TENSORS if image["clip"] else IMAGE_TENSORS[:1]  # the CLIP tokens come second
 
 
 def sample_file_problem(path, fingerprint, index):
