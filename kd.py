@@ -258,6 +258,7 @@ class KDTrainer:
         # the first step whose loss or gradient norm was not finite (inf: none so far)
         self.first_bad_step = torch.tensor(float("inf"), device=device)
         self.step, self.vae, self.wandb, self.ema = 0, None, None, None
+        self.last_image = (None, None)  # (sample index, its I2V inputs): sample_image's
         self.streaming = cfg.models.student.attention == "block_causal"  # also judge it generating in blocks
 
     def sample_step_indices(self, generator, batch_size, num_frames):
@@ -487,10 +488,14 @@ class KDTrainer:
         return samples
 
     def sample_image(self, index):
-        """An I2V student's input channels and CLIP tokens for sample `index` (i2v.Channels), else None."""
+        """An I2V student's input channels and CLIP tokens for sample `index` (i2v.Channels), else None; the last
+        sample's is kept, since its eval losses, rollouts and preview each ask for it in turn."""
         if not self.takes_image:
             return None
-        return student_channels(self.dataset[(index, (0,) * self.meta["latent_shape"][1])], self.device)
+        if self.last_image[0] != index:
+            self.last_image = (index, student_channels(self.dataset[(index, (0,) * self.meta["latent_shape"][1])],
+                                                       self.device))
+        return self.last_image[1]
 
     def given_image(self, index, x0):
         """[C, 1, H, W]: the latent of the image sample `index` continues: x0's first frame, or the first frame
